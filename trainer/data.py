@@ -1,0 +1,262 @@
+"""Input: find the images a path names, check them once, and feed tf.data.
+
+A path is one of three sources (chosen by its form):
+  * a folder with one subfolder per class (class = subfolder, sorted by name);
+  * an image-list file ending in .txt or .lst, `path label` per line, paths
+    relative to the list's folder unless absolute or gs://;
+  * otherwise a glob of TFRecord files of tf.Example records.
+
+Before the first step scan() reads every record once: a label outside
+[0, num_classes) is an error naming file and record; an image that cannot be
+read or decoded is left out of training and evaluation and counted.
+"""
+
+import dataclasses
+import os
+
+import numpy as np
+import tensorflow as tf
+
+from trainer import images
+from trainer.config import UserError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp")
+LIST_EXTENSIONS = (".txt", ".lst")
+AUTOTUNE = tf.data.AUTOTUNE
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+    flag: str  # the flag that named it, for error messages
+    kind: str  # "tfrecord" | "folder" | "list"
+    files: tuple  # TFRecord files, or one image path per record
+    labels: tuple = ()  # per record for "folder" and "list"; TFRecords hold their own
+    class_names: tuple = ()  # subfolder names for "folder"
+    lines: tuple = ()  # list-file line number per record, for error messages
+
+    def locate(self, key):
+        """Where record `key` lives, as a person would look for it."""
+        key = int(key)
+        if self.kind == "tfrecord":
+            return f"{self.files[key >> 32]} record {key & 0xFFFFFFFF}"
+        if self.kind == "list":
+            return f"{self.files[key]} (line {self.lines[key]} of --{self.flag})"
+        return self.files[key]
+
+
+@dataclasses.dataclass(frozen=True)
+class Scan:
+    keys: np.ndarray  # usable records, in source order
+    labels: np.ndarray
+    total: int  # records in the source, usable or not
+    corrupt: tuple  # locations of records that could not be read or decoded
+
+
+def open_source(path, flag, label_offset=0):
+    if tf.io.gfile.isdir(path):
+        return _folder_source(path, flag)
+    if path.lower().endswith(LIST_EXTENSIONS):
+        return _list_source(path, flag, label_offset)
+    files = tuple(sorted(tf.io.gfile.glob(path)))
+    if not files:
+        raise UserError(f"--{flag}: no files match {path!r} (give a TFRecord glob, a folder per class, or a .txt image list)")
+    return Source(flag, "tfrecord", files)
+
+
+def _folder_source(path, flag):
+    classes = sorted(d.rstrip("/") for d in tf.io.gfile.listdir(path) if tf.io.gfile.isdir(os.path.join(path, d)))
+    if not classes:
+        raise UserError(f"--{flag}: folder {path} has no class subfolders (expected one subfolder of images per class)")
+    files, labels = [], []
+    for label, name in enumerate(classes):
+        for entry in sorted(tf.io.gfile.listdir(os.path.join(path, name))):
+            if entry.lower().endswith(IMAGE_EXTENSIONS):
+                files.append(os.path.join(path, name, entry))
+                labels.append(label)
+    if not files:
+        raise UserError(f"--{flag}: no {'/'.join(IMAGE_EXTENSIONS)} files in the class subfolders of {path}")
+    return Source(flag, "folder", tuple(files), tuple(labels), tuple(classes))
+
+
+def _list_source(path, flag, label_offset):
+    if not tf.io.gfile.exists(path):
+        raise UserError(f"--{flag}: image list {path} does not exist")
+    base = os.path.dirname(path)
+    files, labels, lines = [], [], []
+    with tf.io.gfile.GFile(path) as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip() or line.lstrip().startswith("#"):
+                continue
+            parts = line.split()
+            if len(parts) != 2 or not parts[1].lstrip("-").isdigit():
+                raise UserError(f"--{flag}: {path} line {number}: expected 'image_path integer_label', got {line.strip()!r}")
+            image = parts[0] if parts[0].startswith(("/", "gs://")) else os.path.join(base, parts[0])
+            files.append(image)
+            labels.append(int(parts[1]) - label_offset)
+            lines.append(number)
+    if not files:
+        raise UserError(f"--{flag}: image list {path} has no 'path label' lines")
+    return Source(flag, "list", tuple(files), tuple(labels), lines=tuple(lines))
+
+
+def _tfrecord_records(source, shuffle_seed=None):
+    """(key, serialized tf.Example); key = file index << 32 | record index."""
+    files = tf.data.Dataset.from_tensor_slices((tf.range(len(source.files), dtype=tf.int64), list(source.files)))
+    if shuffle_seed is not None:
+        files = files.shuffle(len(source.files), seed=shuffle_seed, reshuffle_each_iteration=True)
+
+    def read(index, filename):
+        records = tf.data.TFRecordDataset(filename, buffer_size=8 << 20).enumerate()
+        return records.map(lambda i, record: (tf.bitwise.left_shift(index, 32) + i, record))
+
+    return files.interleave(read, cycle_length=min(16, len(source.files)), num_parallel_calls=AUTOTUNE, deterministic=True)
+
+
+def _parser(image_key, label_key, label_offset):
+    spec = {image_key: tf.io.FixedLenFeature([], tf.string), label_key: tf.io.FixedLenFeature([], tf.int64)}
+
+    def parse(key, record):
+        example = tf.io.parse_single_example(record, spec)
+        return key, example[image_key], example[label_key] - label_offset
+
+    return parse
+
+
+def _encoded(source, keys, parse, shuffle_seed=None):
+    """(key, encoded image, label) for the records in `keys` (None = all)."""
+    if source.kind == "tfrecord":
+        ds = _tfrecord_records(source, shuffle_seed).map(parse, num_parallel_calls=AUTOTUNE)
+        if keys is not None:  # some records were left out by the scan
+            keep = tf.lookup.StaticHashTable(tf.lookup.KeyValueTensorInitializer(keys, tf.ones_like(keys)), 0)
+            ds = ds.filter(lambda key, image, label: keep.lookup(key) > 0)
+        return ds
+    keys = np.arange(len(source.files), dtype=np.int64) if keys is None else keys
+    ds = tf.data.Dataset.from_tensor_slices((keys, np.array(source.files)[keys], np.array(source.labels, np.int64)[keys]))
+    if shuffle_seed is not None:
+        ds = ds.shuffle(len(keys), seed=shuffle_seed, reshuffle_each_iteration=True)
+    return ds.map(lambda key, path, label: (key, tf.io.read_file(path), label), num_parallel_calls=AUTOTUNE)
+
+
+def scan(source, num_classes, image_key, label_key, label_offset, max_corrupt_fraction):
+    """Reads every record once; raises UserError for bad labels or too many corrupt images."""
+    parse = _parser(image_key, label_key, label_offset)
+    all_keys, labels = _read_labels(source, parse)
+    bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
+    if bad.size:
+        i = bad[0]
+        raise UserError(
+            f"--{source.flag}: label {labels[i] + label_offset} of {source.locate(all_keys[i])} is outside "
+            f"[0, {num_classes}) after --label_offset={label_offset} ({bad.size} such records; check --num_classes and --label_offset)"
+        )
+    decodable = _decodable_keys(source, parse)
+    usable = np.isin(all_keys, decodable)
+    corrupt = tuple(source.locate(k) for k in all_keys[~usable])
+    if len(corrupt) > max_corrupt_fraction * len(all_keys):
+        raise UserError(
+            f"--{source.flag}: {len(corrupt)} of {len(all_keys)} images cannot be read or decoded (first: {corrupt[0]}); "
+            f"fix or remove them, or raise --max_corrupt_fraction"
+        )
+    return Scan(all_keys[usable], labels[usable], len(all_keys), corrupt)
+
+
+def _read_labels(source, parse):
+    if source.kind != "tfrecord":
+        return np.arange(len(source.files), dtype=np.int64), np.array(source.labels, dtype=np.int64)
+    ds = _tfrecord_records(source).map(parse, num_parallel_calls=AUTOTUNE)
+    ds = ds.map(lambda key, image, label: (key, label)).batch(65536)
+    try:
+        chunks = list(ds.as_numpy_iterator())
+    except (tf.errors.DataLossError, tf.errors.InvalidArgumentError) as e:
+        raise UserError(_describe_tfrecord_error(source, parse, e)) from None
+    if not chunks:
+        raise UserError(f"--{source.flag}: the TFRecord files hold no records")
+    return np.concatenate([c[0] for c in chunks]), np.concatenate([c[1] for c in chunks])
+
+
+def _describe_tfrecord_error(source, parse, error):
+    """Finds the file (and record) behind a read or parse error, for the message."""
+    for index, filename in enumerate(source.files):
+        records = tf.data.TFRecordDataset(filename).enumerate()
+        try:
+            for i, record in records:
+                parse(i, record)
+        except tf.errors.DataLossError:
+            return f"--{source.flag}: {filename} is not a TFRecord file (or is truncated)"
+        except tf.errors.InvalidArgumentError as e:
+            reason = e.message.splitlines()[0]
+            return (f"--{source.flag}: {filename} record {int(i)} is not a tf.Example with the expected features "
+                    f"({reason}); set --image_key / --label_key")
+    return f"--{source.flag}: cannot read the TFRecords: {error.message.splitlines()[0]}"
+
+
+def _decodable_keys(source, parse):
+    def probe(key, encoded, label):
+        # ratio=8 decodes JPEGs at 1/8 size: a full pass over the data, cheaply.
+        shape = tf.cond(
+            images.is_jpeg(encoded),
+            lambda: tf.shape(tf.io.decode_jpeg(encoded, channels=3, ratio=8)),
+            lambda: tf.shape(images.decode_rgb(encoded)),
+        )
+        return key, shape
+
+    ds = _encoded(source, None, parse).map(probe, num_parallel_calls=AUTOTUNE, deterministic=False)
+    ds = ds.ignore_errors().map(lambda key, shape: key).batch(65536)
+    return np.concatenate(list(ds.as_numpy_iterator()) or [np.zeros([0], np.int64)])
+
+
+def training_dataset(source, scan_result, parse_args, batch_size, image_size, num_classes, seed, min_area, flip, start_step=0):
+    """Endless shuffled batches of (uint8 images, one-hot labels).
+
+    Deterministic for a seed: resuming at start_step skips exactly the records
+    an uninterrupted run consumed, and gives them the same crops and flips.
+    """
+    parse = _parser(*parse_args)
+    keys = scan_result.keys if len(scan_result.keys) < scan_result.total else None
+    ds = _encoded(source, keys, parse, shuffle_seed=seed)
+    if source.kind == "tfrecord":
+        ds = ds.shuffle(min(scan_result.total, 16384), seed=seed, reshuffle_each_iteration=True)
+    start = start_step * batch_size
+    ds = ds.repeat().skip(start).enumerate(start=start)
+
+    def prepare(index, element):
+        _, encoded, label = element
+        image = images.train_image(encoded, image_size, tf.stack([tf.cast(seed, tf.int64), index]), min_area, flip)
+        return image, tf.one_hot(label, num_classes)
+
+    ds = ds.map(prepare, num_parallel_calls=AUTOTUNE, deterministic=True)
+    return ds.batch(batch_size, drop_remainder=True).prefetch(AUTOTUNE)
+
+
+def eval_dataset(source, scan_result, parse_args, batch_size, image_size, num_classes, num_images=0):
+    """The first num_images usable records (0 = all), centrally cropped, in order."""
+    parse = _parser(*parse_args)
+    keys = scan_result.keys if len(scan_result.keys) < scan_result.total else None
+    ds = _encoded(source, keys, parse)
+    count = len(scan_result.keys) if num_images == 0 else min(num_images, len(scan_result.keys))
+    ds = ds.take(count).map(
+        lambda key, encoded, label: (images.eval_image(encoded, image_size), tf.one_hot(label, num_classes)),
+        num_parallel_calls=AUTOTUNE,
+    )
+    ds = ds.apply(tf.data.experimental.assert_cardinality(count))  # lets Keras restart it each evaluation
+    if count * image_size * image_size * 3 < 512 << 20:
+        ds = ds.cache()  # small enough to keep decoded in memory between evaluations
+    return ds.batch(batch_size).prefetch(AUTOTUNE), count
+
+
+def class_names(train_source, eval_source, num_classes, label_map_path):
+    """Names in label order: the label map, else the training subfolders, else '0'..'N-1'."""
+    if train_source.kind == "folder" and eval_source.kind == "folder" and train_source.class_names != eval_source.class_names:
+        raise UserError("--validation_data_path: its class subfolders differ from those of --training_data_path")
+    if label_map_path:
+        if not tf.io.gfile.exists(label_map_path):
+            raise UserError(f"--label_map_path: {label_map_path} does not exist")
+        with tf.io.gfile.GFile(label_map_path) as f:
+            names = tuple(line.strip() for line in f if line.strip())
+        if len(names) != num_classes:
+            raise UserError(f"--label_map_path: {label_map_path} names {len(names)} classes but --num_classes={num_classes}")
+        return names
+    if train_source.kind == "folder":
+        if len(train_source.class_names) != num_classes:
+            raise UserError(f"--num_classes={num_classes} but --training_data_path has {len(train_source.class_names)} class subfolders")
+        return train_source.class_names
+    return tuple(str(i) for i in range(num_classes))

@@ -1,0 +1,95 @@
+"""SavedModel export: the model a server loads, with preprocessing inside.
+
+Signatures:
+  serving_default(image_bytes: string [B])    encoded JPEG/PNG/GIF/BMP bytes
+  serving_images(images: uint8 [B, H, W, 3])  decoded RGB images, any size
+both returning probabilities [B, C], and the top-k classes, scores and
+class_names [B, k]. Bytes get exactly the evaluation crop; uint8 images are
+resized whole. The SavedModel is always written by the TensorFlow backend
+(from a weights file) so it loads on plain CPU TensorFlow whatever trained it:
+a JAX run exports in a child process (`python -m trainer.export SPEC.json`).
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+
+def export_saved_model(weights_path, model_type, num_classes, image_size, class_names, export_dir):
+    """Builds the model from weights_path and writes export_dir, replacing it atomically."""
+    import keras
+
+    if keras.backend.backend() != "tensorflow":
+        return _export_in_child(weights_path, model_type, num_classes, image_size, class_names, export_dir)
+    import tensorflow as tf
+
+    from trainer import images, models
+
+    model = models.build_model(model_type, num_classes, image_size)
+    model.load_weights(weights_path)
+    names = tf.constant(list(class_names))
+    k = min(5, num_classes)
+
+    def outputs(uint8_images):
+        probabilities = tf.nn.softmax(model(uint8_images, training=False), axis=-1)
+        top = tf.math.top_k(probabilities, k=k)
+        return {
+            "probabilities": probabilities,
+            "classes": tf.cast(top.indices, tf.int64),
+            "scores": top.values,
+            "class_names": tf.gather(names, top.indices),
+        }
+
+    def serve_bytes(image_bytes):
+        decoded = tf.map_fn(
+            lambda encoded: images.eval_image(encoded, image_size),
+            image_bytes,
+            fn_output_signature=tf.TensorSpec([image_size, image_size, 3], tf.uint8),
+        )
+        return outputs(decoded)
+
+    def serve_images(uint8_images):
+        resized = tf.image.resize(uint8_images, [image_size, image_size], method="bilinear")
+        return outputs(tf.cast(tf.clip_by_value(tf.round(resized), 0, 255), tf.uint8))
+
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+    # TF Serving's REST API base64-decodes inputs whose name ends in _bytes.
+    archive.add_endpoint("serving_default", serve_bytes, input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
+    archive.add_endpoint("serving_images", serve_images, input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8, name="images")])
+    tmp = f"{export_dir.rstrip('/')}.tmp-{os.getpid()}"
+    if tf.io.gfile.exists(tmp):
+        tf.io.gfile.rmtree(tmp)
+    archive.write_out(tmp, verbose=False)
+    _replace_dir(tmp, export_dir)
+
+
+def _replace_dir(new, target):
+    """Puts `new` at `target`; an older `target` is removed only once `new` is in place."""
+    import tensorflow as tf
+
+    old = f"{target.rstrip('/')}.old-{os.getpid()}"
+    if tf.io.gfile.exists(target):
+        tf.io.gfile.rename(target, old)
+    tf.io.gfile.rename(new, target)
+    if tf.io.gfile.exists(old):
+        tf.io.gfile.rmtree(old)
+
+
+def _export_in_child(weights_path, model_type, num_classes, image_size, class_names, export_dir):
+    spec = dict(weights_path=weights_path, model_type=model_type, num_classes=num_classes,
+                image_size=image_size, class_names=list(class_names), export_dir=export_dir)
+    spec_path = f"{weights_path}.export.json"
+    with open(spec_path, "w") as f:
+        json.dump(spec, f)
+    env = dict(os.environ, KERAS_BACKEND="tensorflow")
+    result = subprocess.run([sys.executable, "-m", "trainer.export", spec_path], env=env, capture_output=True, text=True)
+    os.remove(spec_path)
+    if result.returncode != 0:
+        raise RuntimeError(f"SavedModel export failed:\n{result.stderr[-4000:]}")
+
+
+if __name__ == "__main__":
+    with open(sys.argv[1]) as f:
+        export_saved_model(**json.load(f))

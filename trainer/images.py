@@ -1,0 +1,83 @@
+"""Image decoding and the two crops: random for training, central for evaluation.
+
+Every function takes encoded bytes (JPEG, PNG, GIF, BMP; grayscale, RGBA or
+CMYK) and returns a uint8 RGB [size, size, 3] tensor. The serving signature of
+the export uses eval_image, so a served image sees exactly what evaluation saw.
+"""
+
+import tensorflow as tf
+
+EVAL_CROP_FRACTION = 0.875  # share of the shorter side the central eval crop keeps
+
+
+def is_jpeg(encoded):
+    return tf.equal(tf.strings.substr(encoded, 0, 3), b"\xff\xd8\xff")
+
+
+def decode_rgb(encoded):
+    """Any supported format to uint8 [h, w, 3]; the first frame of a GIF."""
+    image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
+    image.set_shape([None, None, 3])
+    return image
+
+
+def image_shape(encoded):
+    """[height, width] from the header for JPEG; otherwise by decoding."""
+    return tf.cond(
+        is_jpeg(encoded),
+        lambda: tf.image.extract_jpeg_shape(encoded)[:2],
+        lambda: tf.shape(decode_rgb(encoded))[:2],
+    )
+
+
+def decode_window(encoded, offset_height, offset_width, height, width):
+    """Decodes only the window for JPEG (fused decode and crop), crops otherwise."""
+    window = tf.stack([offset_height, offset_width, height, width])
+
+    def jpeg():
+        return tf.image.decode_and_crop_jpeg(encoded, window, channels=3)
+
+    def other():
+        return tf.image.crop_to_bounding_box(decode_rgb(encoded), offset_height, offset_width, height, width)
+
+    image = tf.cond(is_jpeg(encoded), jpeg, other)
+    image.set_shape([None, None, 3])
+    return image
+
+
+def _resize(image, size):
+    resized = tf.image.resize(image, [size, size], method="bilinear")
+    return tf.cast(tf.clip_by_value(tf.round(resized), 0, 255), tf.uint8)
+
+
+def eval_image(encoded, size):
+    """Central square crop of EVAL_CROP_FRACTION of the shorter side, resized."""
+    shape = image_shape(encoded)
+    side = tf.maximum(tf.cast(tf.cast(tf.reduce_min(shape), tf.float32) * EVAL_CROP_FRACTION, tf.int32), 1)
+    offset_h = (shape[0] - side) // 2
+    offset_w = (shape[1] - side) // 2
+    return _resize(decode_window(encoded, offset_h, offset_w, side, side), size)
+
+
+def train_image(encoded, size, seed, min_area, flip):
+    """Random resized crop (area in [min_area, 1], aspect in [3/4, 4/3]) and flip.
+
+    seed is a [2] int tensor: the same seed gives the same crop and flip, which
+    is what makes a resumed run see the same images as an uninterrupted one.
+    """
+    shape = image_shape(encoded)
+    begin, crop_size, _ = tf.image.stateless_sample_distorted_bounding_box(
+        tf.concat([shape, [3]], axis=0),
+        bounding_boxes=tf.constant([[[0.0, 0.0, 1.0, 1.0]]]),
+        seed=seed,
+        min_object_covered=0.0,
+        aspect_ratio_range=(3 / 4, 4 / 3),
+        area_range=(min_area, 1.0),
+        max_attempts=10,
+        use_image_if_no_bounding_boxes=True,
+    )
+    image = decode_window(encoded, begin[0], begin[1], crop_size[0], crop_size[1])
+    image = _resize(image, size)
+    if flip:
+        image = tf.image.stateless_random_flip_left_right(image, seed=seed + 1)
+    return image

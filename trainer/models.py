@@ -1,0 +1,137 @@
+"""Backbone registry and the classifier built around it.
+
+BACKBONES maps each model_type to a function (input_shape) -> keras.Model that
+returns pooled features. Every builder works offline: ResNets are KerasHub
+ResNetBackbones built from config, EfficientNets keras.applications with
+weights=None. The classifier takes uint8 RGB images and does its own
+normalisation, so callers never preprocess.
+"""
+
+import functools
+import os
+import tempfile
+
+import keras
+
+from trainer.config import UserError
+
+IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
+IMAGENET_VARIANCE = ((0.229 * 255) ** 2, (0.224 * 255) ** 2, (0.225 * 255) ** 2)
+
+
+def _resnet(block_type, blocks, input_shape):
+    import keras_hub  # imported here: it is slow to import and only ResNets need it
+
+    backbone = keras_hub.models.ResNetBackbone(
+        input_conv_filters=[64],
+        input_conv_kernel_sizes=[7],
+        stackwise_num_filters=[64, 128, 256, 512],
+        stackwise_num_blocks=blocks,
+        stackwise_num_strides=[1, 2, 2, 2],
+        block_type=block_type,
+        use_pre_activation=False,
+        image_shape=input_shape,
+    )
+    inputs = keras.Input(input_shape, name="pixels")
+    x = keras.layers.Normalization(mean=IMAGENET_MEAN, variance=IMAGENET_VARIANCE, name="normalize")(inputs)
+    x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(backbone(x))
+    return keras.Model(inputs, x, name="backbone")
+
+
+def _efficientnet(application, input_shape):
+    # keras.applications' EfficientNets rescale and normalise 0-255 input themselves.
+    net = application(include_top=False, weights=None, input_shape=input_shape, pooling="avg")
+    return keras.Model(net.input, net.output, name="backbone")
+
+
+BACKBONES = {
+    "resnet-18": functools.partial(_resnet, "basic_block", [2, 2, 2, 2]),
+    "resnet-34": functools.partial(_resnet, "basic_block", [3, 4, 6, 3]),
+    "resnet-50": functools.partial(_resnet, "bottleneck_block", [3, 4, 6, 3]),
+    "resnet-101": functools.partial(_resnet, "bottleneck_block", [3, 4, 23, 3]),
+    "resnet-152": functools.partial(_resnet, "bottleneck_block", [3, 8, 36, 3]),
+    "resnet-200": functools.partial(_resnet, "bottleneck_block", [3, 24, 36, 3]),
+    **{
+        f"efficientnet-b{i}": functools.partial(_efficientnet, getattr(keras.applications, f"EfficientNetB{i}"))
+        for i in range(8)
+    },
+}
+
+
+def build_model(model_type, num_classes, image_size, weight_decay=0.0, seed=None):
+    """uint8 [B, S, S, 3] -> float32 logits [B, num_classes]."""
+    if seed is not None:
+        keras.utils.set_random_seed(seed)
+    inputs = keras.Input((image_size, image_size, 3), dtype="uint8", name="image")
+    x = keras.layers.Rescaling(1.0, name="to_float")(inputs)  # uint8 -> compute dtype
+    x = BACKBONES[model_type]((image_size, image_size, 3))(x)
+    logits = keras.layers.Dense(num_classes, dtype="float32", name="logits")(x)
+    model = keras.Model(inputs, logits, name=model_type.replace("-", "_"))
+    if weight_decay:
+        add_weight_decay(model, weight_decay)
+    return model
+
+
+def add_weight_decay(model, weight_decay):
+    """loss += weight_decay * sum(w**2) / 2 over conv and dense kernels.
+
+    That is the definition in Google's built-in algorithm (tf.nn.l2_loss);
+    biases and batch-norm parameters are left alone.
+    """
+    regularizer = keras.regularizers.L2(weight_decay / 2)
+    for layer in _all_layers(model):
+        kernel = getattr(layer, "kernel", None)
+        if kernel is None and hasattr(layer, "depthwise_kernel"):
+            kernel = layer.depthwise_kernel
+        if kernel is not None and kernel.trainable:
+            kernel.regularizer = regularizer
+
+
+def _all_layers(model):
+    for layer in model.layers:
+        yield layer
+        if hasattr(layer, "layers"):
+            yield from _all_layers(layer)
+
+
+def load_pretrained(model, path, model_type, image_size):
+    """Loads backbone weights from a file of the same model_type; the head too when its shape matches."""
+    import tensorflow as tf
+
+    if not tf.io.gfile.exists(path):
+        raise UserError(f"--pretrained_checkpoint_path: {path} does not exist")
+    if not path.endswith((".weights.h5", ".keras")):
+        raise UserError(f"--pretrained_checkpoint_path: {path} should be a .weights.h5 or .keras file saved by this trainer")
+    with tempfile.TemporaryDirectory() as tmp:
+        local = os.path.join(tmp, os.path.basename(path))
+        tf.io.gfile.copy(path, local)  # h5 needs a local file; this also fetches gs://
+        source_classes = _head_size(local)
+        source = build_model(model_type, source_classes, image_size)
+        try:
+            source.load_weights(local)
+        except (ValueError, KeyError) as e:
+            raise UserError(f"--pretrained_checkpoint_path: {path} does not hold {model_type} weights ({str(e).splitlines()[0]})") from None
+    model.get_layer("backbone").set_weights(source.get_layer("backbone").get_weights())
+    if source_classes == model.get_layer("logits").units:
+        model.get_layer("logits").set_weights(source.get_layer("logits").get_weights())
+    return source_classes
+
+
+def _head_size(local_path):
+    """Number of classes of the head stored in a weights file saved by this trainer."""
+    import h5py
+    import zipfile
+
+    # Weights files name variables by layer class: the classifier's only
+    # top-level Dense layer is the head; vars/1 is its bias.
+    if local_path.endswith(".keras"):
+        with zipfile.ZipFile(local_path) as archive, archive.open("model.weights.h5") as f, h5py.File(f, "r") as h5:
+            return _bias_size(h5)
+    with h5py.File(local_path, "r") as h5:
+        return _bias_size(h5)
+
+
+def _bias_size(h5):
+    if "layers/dense/vars/1" not in h5:
+        raise UserError("--pretrained_checkpoint_path: no classification head in the weights file (not saved by this trainer?)")
+    return h5["layers/dense/vars/1"].shape[0]

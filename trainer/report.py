@@ -1,0 +1,84 @@
+"""What a run tells the world: progress lines, metrics.json, the hypertune
+metrics file, TensorBoard summaries, and atomic file writes for all of them.
+"""
+
+import json
+import os
+import sys
+import time
+
+HYPERTUNE_FILE_DEFAULT = "/tmp/hypertune/output.metrics"
+
+
+def gfile():
+    import tensorflow as tf  # only for gs:// and atomic renames; absent on the GPU bench machine
+
+    return tf.io.gfile
+
+
+def write_atomic(path, text):
+    """Writes text so a reader (or a crash) never sees half a file."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with gfile().GFile(tmp, "w") as f:
+        f.write(text)
+    gfile().rename(tmp, path, overwrite=True)
+
+
+def write_json(path, value):
+    write_atomic(path, json.dumps(value, indent=2, sort_keys=True) + "\n")
+
+
+def append_hypertune(metric_tag, value, step):
+    """One line in cloudml-hypertune's format, for Vertex AI and hptuning.study."""
+    path = os.environ.get("CLOUD_ML_HP_METRIC_FILE", HYPERTUNE_FILE_DEFAULT)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    line = {
+        "timestamp": time.time(),
+        "trial": os.environ.get("CLOUD_ML_TRIAL_ID", "0"),
+        metric_tag: str(value),
+        "global_step": str(int(step)),
+        "checkpoint_path": "",
+    }
+    with open(path, "a") as f:
+        f.write(json.dumps(line) + "\n")
+
+
+class TensorBoard:
+    """Scalars under logs/train and logs/validation; a no-op without TensorFlow."""
+
+    def __init__(self, log_dir):
+        try:
+            import tensorflow as tf
+        except ImportError:
+            self._writers = None
+            return
+        self._tf = tf
+        self._writers = {
+            name: tf.summary.create_file_writer(os.path.join(log_dir, name)) for name in ("train", "validation")
+        }
+
+    def scalars(self, split, step, values):
+        if self._writers is None:
+            return
+        with self._writers[split].as_default():
+            for name, value in values.items():
+                self._tf.summary.scalar(name, value, step=int(step))
+        self._writers[split].flush()
+
+
+def format_duration(seconds):
+    seconds = int(max(seconds, 0))
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def progress_line(step, max_steps, loss, learning_rate, images_per_second, eta_seconds):
+    """One self-contained line per report: readable live and in a log file."""
+    width = len(str(max_steps))
+    return (
+        f"step {step:>{width}}/{max_steps}  loss {loss:.4f}  lr {learning_rate:.3g}  "
+        f"{images_per_second:,.0f} img/s  eta {format_duration(eta_seconds)}"
+    )
+
+
+def say(text):
+    print(text, file=sys.stdout, flush=True)

@@ -1,0 +1,221 @@
+"""run(config, job_dir): the whole training story, from paths to SavedModel.
+
+Training is Keras `fit` in "epochs" of eval_frequency steps: every epoch ends
+with an evaluation, a checkpoint (weights, optimizer state, step; the input
+pipeline is a pure function of seed and step, so that is the data position
+too), and, when the evaluation is the best so far, best.weights.h5. The
+SavedModel in model/ is exported from best.weights.h5 at the end.
+"""
+
+import io
+import json
+import math
+import os
+import time
+
+import keras
+import numpy as np
+
+from trainer import data, export, models, report, schedules
+from trainer.config import UserError
+
+METRIC = "top_1_accuracy"
+
+
+def job_paths(job_dir):
+    """Output locations; Vertex AI's AIP_* variables win where set."""
+    return {
+        "job_dir": job_dir,
+        "model": os.environ.get("AIP_MODEL_DIR") or os.path.join(job_dir, "model"),
+        "checkpoints": os.environ.get("AIP_CHECKPOINT_DIR") or os.path.join(job_dir, "checkpoints"),
+        "logs": os.environ.get("AIP_TENSORBOARD_LOG_DIR") or os.path.join(job_dir, "logs"),
+    }
+
+
+def _prepare_output(paths):
+    gfile = report.gfile()
+    for name in ("job_dir", "checkpoints", "logs"):
+        try:
+            gfile.makedirs(paths[name])
+            report.write_atomic(os.path.join(paths[name], ".write_test"), "ok")
+            gfile.remove(os.path.join(paths[name], ".write_test"))
+        except Exception as e:  # noqa: BLE001 - any failure here means "cannot write"
+            flag = "--job-dir" if name == "job_dir" else f"the {name} folder"
+            raise UserError(f"{flag}: cannot write to {paths[name]} ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+
+
+def _make_optimizer(c):
+    schedule = schedules.from_config(c)
+    kwargs = dict(c.optimizer_arguments)
+    if c.optimizer_type == "momentum":
+        kwargs.setdefault("momentum", 0.9)
+        return keras.optimizers.SGD(learning_rate=schedule, **kwargs)
+    if c.optimizer_type == "adam":
+        return keras.optimizers.Adam(learning_rate=schedule, **kwargs)
+    return keras.optimizers.RMSprop(learning_rate=schedule, **kwargs)
+
+
+def run(c, job_dir):
+    """Trains, evaluates and exports; returns the best top_1_accuracy."""
+    paths = job_paths(job_dir)
+    _prepare_output(paths)
+    keras.utils.set_random_seed(c.seed)
+    keras.mixed_precision.set_dtype_policy(c.precision)
+
+    train_source = data.open_source(c.training_data_path, "training_data_path", c.label_offset)
+    eval_source = data.open_source(c.validation_data_path, "validation_data_path", c.label_offset)
+    class_names = data.class_names(train_source, eval_source, c.num_classes, c.label_map_path)
+    parse_args = (c.image_key, c.label_key, c.label_offset)
+    report.say(f"scanning {c.training_data_path} and {c.validation_data_path} ...")
+    train_scan = data.scan(train_source, c.num_classes, *parse_args, c.max_corrupt_fraction)
+    eval_scan = data.scan(eval_source, c.num_classes, *parse_args, c.max_corrupt_fraction)
+    report.say(f"{len(train_scan.keys)} training images, {len(eval_scan.keys)} validation images, "
+               f"{len(train_scan.corrupt) + len(eval_scan.corrupt)} unreadable skipped")
+    report.write_json(os.path.join(job_dir, "config.json"), {**c.to_dict(), "job_dir": job_dir})
+    report.write_atomic(os.path.join(job_dir, "labels.txt"), "".join(f"{name}\n" for name in class_names))
+
+    model = models.build_model(c.model_type, c.num_classes, c.image_size, c.weight_decay, seed=c.seed)
+    if c.pretrained_checkpoint_path:
+        models.load_pretrained(model, c.pretrained_checkpoint_path, c.model_type, c.image_size)
+    metrics = [keras.metrics.CategoricalAccuracy(name=METRIC)]
+    if c.num_classes > 5:
+        metrics.append(keras.metrics.TopKCategoricalAccuracy(k=5, name="top_5_accuracy"))
+    model.compile(
+        optimizer=_make_optimizer(c),
+        loss=keras.losses.CategoricalCrossentropy(from_logits=True, label_smoothing=c.label_smoothing),
+        metrics=metrics,
+    )
+    state = Checkpoints(paths["checkpoints"]).restore(model)
+    start_step = state.get("step", 0)
+    if start_step:
+        report.say(f"resuming from the checkpoint at step {start_step}")
+
+    train_ds = data.training_dataset(
+        train_source, train_scan, parse_args, c.train_batch_size, c.image_size, c.num_classes,
+        c.seed, c.random_crop_min_area, c.random_flip, start_step,
+    )
+    eval_ds, num_eval = data.eval_dataset(eval_source, eval_scan, parse_args, c.eval_batch_size, c.image_size, c.num_classes, c.num_eval_images)
+    history = Evaluations(paths, job_dir, state, {
+        "training_images": len(train_scan.keys), "evaluation_images": num_eval,
+        "corrupt_images": {"training": len(train_scan.corrupt), "validation": len(eval_scan.corrupt),
+                           "examples": list((train_scan.corrupt + eval_scan.corrupt)[:20])},
+    })
+    if start_step < c.max_steps:
+        model.fit(
+            train_ds,
+            validation_data=eval_ds,
+            steps_per_epoch=c.eval_frequency,
+            initial_epoch=start_step // c.eval_frequency,
+            epochs=math.ceil(c.max_steps / c.eval_frequency),
+            callbacks=[Progress(start_step, c.max_steps, c.train_batch_size, c.log_frequency, history.tensorboard), history],
+            shuffle=False,  # the input pipeline shuffles, reproducibly
+            verbose=0,
+        )
+    best = history.best
+    if best is None:
+        raise UserError("no evaluation ran; check --max_steps and --eval_frequency")
+    report.say(f"exporting the best evaluation (step {best['step']}) to {paths['model']}")
+    export.export_saved_model(history.best_weights, c.model_type, c.num_classes, c.image_size, class_names, paths["model"])
+    report.say(f"{METRIC}={best[METRIC]:.4f}")
+    return best[METRIC]
+
+
+class Checkpoints:
+    """checkpoints/: ckpt-STEP.weights.h5 + ckpt-STEP.optimizer.npz, committed by state.json."""
+
+    def __init__(self, folder):
+        self.folder = folder
+        self.state_path = os.path.join(folder, "state.json")
+
+    def restore(self, model):
+        gfile = report.gfile()
+        if not gfile.exists(self.state_path):
+            return {}
+        with gfile.GFile(self.state_path) as f:
+            state = json.load(f)
+        model.load_weights(os.path.join(self.folder, state["weights"]))
+        optimizer = model.optimizer
+        optimizer.build(model.trainable_variables)
+        with gfile.GFile(os.path.join(self.folder, state["optimizer"]), "rb") as f:
+            saved = np.load(io.BytesIO(f.read()))
+            values = [saved[f"v{i}"] for i in range(len(saved.files))]
+        for variable, value in zip(optimizer.variables, values):
+            variable.assign(value)
+        return state
+
+    def save(self, model, step, extra):
+        gfile = report.gfile()
+        weights, opt = f"ckpt-{step}.weights.h5", f"ckpt-{step}.optimizer.npz"
+        model.save_weights(os.path.join(self.folder, weights))
+        buffer = io.BytesIO()  # np.savez seeks, which gs:// files cannot
+        np.savez(buffer, **{f"v{i}": keras.ops.convert_to_numpy(v) for i, v in enumerate(model.optimizer.variables)})
+        with gfile.GFile(os.path.join(self.folder, opt), "wb") as f:
+            f.write(buffer.getvalue())
+        report.write_json(self.state_path, {"step": step, "weights": weights, "optimizer": opt, **extra})
+        for name in gfile.listdir(self.folder):  # older checkpoints, now superseded
+            if name.startswith("ckpt-") and name not in (weights, opt):
+                gfile.remove(os.path.join(self.folder, name))
+
+
+class Evaluations(keras.callbacks.Callback):
+    """After each evaluation: metrics.json, hypertune line, TensorBoard, checkpoint, best weights."""
+
+    def __init__(self, paths, job_dir, state, summary):
+        super().__init__()
+        self.checkpoints = Checkpoints(paths["checkpoints"])
+        self.best_weights = os.path.join(paths["checkpoints"], "best.weights.h5")
+        self.metrics_path = os.path.join(job_dir, "metrics.json")
+        self.tensorboard = report.TensorBoard(paths["logs"])
+        self.evaluations = state.get("evaluations", [])
+        self.best = state.get("best")
+        self.summary = summary
+        self._write_metrics()
+
+    def on_epoch_end(self, epoch, logs=None):
+        step = int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
+        result = {"step": step, **{k[4:]: float(v) for k, v in logs.items() if k.startswith("val_")}}
+        self.evaluations.append(result)
+        if self.best is None or result[METRIC] > self.best[METRIC]:
+            self.best = result
+            tmp = self.best_weights.replace(".weights.h5", f".tmp-{os.getpid()}.weights.h5")
+            self.model.save_weights(tmp)
+            report.gfile().rename(tmp, self.best_weights, overwrite=True)
+        self.checkpoints.save(self.model, step, {"evaluations": self.evaluations, "best": self.best})
+        self._write_metrics()
+        report.append_hypertune(METRIC, result[METRIC], step)
+        self.tensorboard.scalars("validation", step, {k: v for k, v in result.items() if k != "step"})
+        shown = "  ".join(f"{k} {v:.4f}" for k, v in result.items() if k != "step")
+        report.say(f"eval at step {step}: {shown}  (best {METRIC} {self.best[METRIC]:.4f} at step {self.best['step']})")
+
+    def _write_metrics(self):
+        report.write_json(self.metrics_path, {"metric": METRIC, "evaluations": self.evaluations, "best": self.best, **self.summary})
+
+
+class Progress(keras.callbacks.Callback):
+    """A progress line every log_frequency steps; stops training at max_steps."""
+
+    def __init__(self, start_step, max_steps, batch_size, log_frequency, tensorboard):
+        super().__init__()
+        self.step, self.max_steps = start_step, max_steps
+        self.batch_size, self.log_frequency = batch_size, log_frequency
+        self.tensorboard = tensorboard
+        self.started = None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        # Restart the clock after each evaluation so img/s counts training only.
+        self.started, self.steps_timed = time.perf_counter(), 0
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.step += 1
+        self.steps_timed += 1
+        if self.step >= self.max_steps:
+            self.model.stop_training = True
+        if self.step % self.log_frequency and self.step < self.max_steps:
+            return
+        loss = float(logs["loss"])  # waits for the step to finish: only every log_frequency steps
+        elapsed = time.perf_counter() - self.started
+        images_per_second = self.steps_timed * self.batch_size / max(elapsed, 1e-9)
+        lr = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
+        eta = (self.max_steps - self.step) * self.batch_size / max(images_per_second, 1e-9)
+        report.say(report.progress_line(self.step, self.max_steps, loss, lr, images_per_second, eta))
+        self.tensorboard.scalars("train", self.step, {"loss": loss, "learning_rate": lr, "images_per_second": images_per_second})
