@@ -15,6 +15,7 @@ import keras
 
 from trainer.config import UserError
 
+METRIC = "top_1_accuracy"
 IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
 IMAGENET_VARIANCE = ((0.229 * 255) ** 2, (0.224 * 255) ** 2, (0.225 * 255) ** 2)
 
@@ -70,6 +71,30 @@ def build_model(model_type, num_classes, image_size, weight_decay=0.0, seed=None
     if weight_decay:
         add_weight_decay(model, weight_decay)
     return model
+
+
+def make_optimizer(optimizer_type, learning_rate, optimizer_arguments=()):
+    """momentum (SGD, momentum 0.9 unless given) | adam | rmsprop, with extra constructor arguments."""
+    kwargs = dict(optimizer_arguments)
+    if optimizer_type == "momentum":
+        kwargs.setdefault("momentum", 0.9)
+        return keras.optimizers.SGD(learning_rate=learning_rate, **kwargs)
+    if optimizer_type == "adam":
+        return keras.optimizers.Adam(learning_rate=learning_rate, **kwargs)
+    return keras.optimizers.RMSprop(learning_rate=learning_rate, **kwargs)
+
+
+def compile_classifier(model, optimizer, num_classes, label_smoothing=0.0, **compile_kwargs):
+    """The training step the trainer runs (and bench/ measures): softmax cross-entropy on one-hot labels."""
+    metrics = [keras.metrics.CategoricalAccuracy(name=METRIC)]
+    if num_classes > 5:
+        metrics.append(keras.metrics.TopKCategoricalAccuracy(k=5, name="top_5_accuracy"))
+    model.compile(
+        optimizer=optimizer,
+        loss=keras.losses.CategoricalCrossentropy(from_logits=True, label_smoothing=label_smoothing),
+        metrics=metrics,
+        **compile_kwargs,
+    )
 
 
 def add_weight_decay(model, weight_decay):

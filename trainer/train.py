@@ -19,7 +19,7 @@ import numpy as np
 from trainer import data, export, models, report, schedules
 from trainer.config import UserError
 
-METRIC = "top_1_accuracy"
+METRIC = models.METRIC
 
 
 def job_paths(job_dir):
@@ -44,17 +44,6 @@ def _prepare_output(paths):
             raise UserError(f"{flag}: cannot write to {paths[name]} ({type(e).__name__}: {str(e).splitlines()[0]})") from None
 
 
-def _make_optimizer(c):
-    schedule = schedules.from_config(c)
-    kwargs = dict(c.optimizer_arguments)
-    if c.optimizer_type == "momentum":
-        kwargs.setdefault("momentum", 0.9)
-        return keras.optimizers.SGD(learning_rate=schedule, **kwargs)
-    if c.optimizer_type == "adam":
-        return keras.optimizers.Adam(learning_rate=schedule, **kwargs)
-    return keras.optimizers.RMSprop(learning_rate=schedule, **kwargs)
-
-
 def run(c, job_dir):
     """Trains, evaluates and exports; returns the best top_1_accuracy."""
     paths = job_paths(job_dir)
@@ -77,14 +66,8 @@ def run(c, job_dir):
     model = models.build_model(c.model_type, c.num_classes, c.image_size, c.weight_decay, seed=c.seed)
     if c.pretrained_checkpoint_path:
         models.load_pretrained(model, c.pretrained_checkpoint_path, c.model_type, c.image_size)
-    metrics = [keras.metrics.CategoricalAccuracy(name=METRIC)]
-    if c.num_classes > 5:
-        metrics.append(keras.metrics.TopKCategoricalAccuracy(k=5, name="top_5_accuracy"))
-    model.compile(
-        optimizer=_make_optimizer(c),
-        loss=keras.losses.CategoricalCrossentropy(from_logits=True, label_smoothing=c.label_smoothing),
-        metrics=metrics,
-    )
+    optimizer = models.make_optimizer(c.optimizer_type, schedules.from_config(c), c.optimizer_arguments)
+    models.compile_classifier(model, optimizer, c.num_classes, c.label_smoothing)
     state = Checkpoints(paths["checkpoints"]).restore(model)
     start_step = state.get("step", 0)
     if start_step:
