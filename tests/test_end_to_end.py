@@ -1,0 +1,115 @@
+"""One real run per data source and backend, through export and reload on CPU TensorFlow."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tests.conftest import encode, run_trainer, tiny_flags, tiny_image, write_folder, write_list, write_tfrecords
+
+
+def real_image_bytes():
+    rng = np.random.default_rng(7)
+    return [encode(tiny_image(0, rng), "JPEG"), encode(tiny_image(1, rng), "PNG"), encode(tiny_image(1, rng, 40), "JPEG")]
+
+
+def keras_probabilities(job_dir, encoded_images, image_size=16):
+    """What the trained Keras model (best weights) says, with the evaluation crop."""
+    from trainer import images, models
+
+    config = json.load(open(os.path.join(job_dir, "config.json")))
+    model = models.build_model(config["model_type"], config["num_classes"], image_size)
+    model.load_weights(os.path.join(job_dir, "checkpoints", "best.weights.h5"))
+    batch = tf.stack([images.eval_image(tf.constant(b), image_size) for b in encoded_images])
+    return tf.nn.softmax(model(batch, training=False)).numpy()
+
+
+def check_export(job_dir, class_names):
+    loaded = tf.saved_model.load(os.path.join(job_dir, "model"))
+    assert {"serving_default", "serving_images"} <= set(loaded.signatures)
+    encoded = real_image_bytes()
+    served = loaded.signatures["serving_default"](image_bytes=tf.constant(encoded))
+    np.testing.assert_allclose(served["probabilities"].numpy(), keras_probabilities(job_dir, encoded), atol=1e-5)
+    top = served["classes"].numpy()[:, 0]
+    assert list(served["class_names"].numpy()[:, 0].astype(str)) == [class_names[i] for i in top]
+    np.testing.assert_allclose(served["probabilities"].numpy().sum(axis=1), 1.0, rtol=1e-5)
+    pixels = tf.io.decode_png(encoded[1], channels=3)[None]
+    by_tensor = loaded.signatures["serving_images"](images=pixels)
+    assert by_tensor["probabilities"].shape == (1, len(class_names))
+
+
+def check_outputs(job_dir, result, hypertune_file, eval_steps):
+    assert result.returncode == 0, result.stderr[-3000:]
+    for name in ("model/saved_model.pb", "checkpoints/best.weights.h5", "config.json", "metrics.json", "labels.txt"):
+        assert os.path.exists(os.path.join(job_dir, name)), name
+    assert any(f.startswith("events") for _, _, files in os.walk(os.path.join(job_dir, "logs")) for f in files)
+    metrics = json.load(open(os.path.join(job_dir, "metrics.json")))
+    assert [e["step"] for e in metrics["evaluations"]] == eval_steps
+    best = max(e["top_1_accuracy"] for e in metrics["evaluations"])
+    assert metrics["best"]["top_1_accuracy"] == best
+    assert result.stdout.strip().splitlines()[-1] == f"top_1_accuracy={best:.4f}"
+    lines = [json.loads(line) for line in open(hypertune_file)]
+    assert [line["global_step"] for line in lines] == [str(s) for s in eval_steps]
+    assert all(0 <= float(line["top_1_accuracy"]) <= 1 for line in lines)
+    return metrics
+
+
+def test_tfrecord_run_exports_the_best_evaluation(tmp_path, hypertune_file):
+    train = write_tfrecords(tmp_path / "train", per_class=12)
+    val = write_tfrecords(tmp_path / "val", per_class=4, seed=1, shards=1)
+    job = str(tmp_path / "job")
+    result = run_trainer(tiny_flags(train, val, job, max_steps=6, eval_frequency=3), hypertune_file)
+    metrics = check_outputs(job, result, hypertune_file, [3, 6])
+    assert metrics["training_images"] == 24 and metrics["evaluation_images"] == 8
+    assert "img/s" in result.stdout and "eta" in result.stdout
+    check_export(job, ["0", "1"])
+
+
+def test_folder_source_takes_class_names_from_subfolders(tmp_path, hypertune_file):
+    train = write_folder(tmp_path / "train", per_class=6)
+    val = write_folder(tmp_path / "val", per_class=3, seed=1, fmt="JPEG")
+    job = str(tmp_path / "job")
+    result = run_trainer(tiny_flags(train, val, job), hypertune_file)
+    check_outputs(job, result, hypertune_file, [2, 4])
+    assert open(os.path.join(job, "labels.txt")).read().split() == ["class_0", "class_1"]
+    check_export(job, ["class_0", "class_1"])
+
+
+def test_image_list_with_one_based_labels_and_label_map(tmp_path, hypertune_file):
+    train = write_list(tmp_path / "train", per_class=6, offset=1)
+    val = write_list(tmp_path / "val", per_class=3, seed=1, offset=1)
+    label_map = tmp_path / "labels.txt"
+    label_map.write_text("cat\ndog\n")
+    job = str(tmp_path / "job")
+    result = run_trainer(tiny_flags(train, val, job, label_offset=1, label_map_path=label_map), hypertune_file)
+    check_outputs(job, result, hypertune_file, [2, 4])
+    check_export(job, ["cat", "dog"])
+
+
+def test_jax_backend_trains_and_exports_for_tensorflow_serving(tmp_path, hypertune_file):
+    pytest.importorskip("jax")
+    train = write_tfrecords(tmp_path / "train")
+    val = write_tfrecords(tmp_path / "val", per_class=3, seed=1, shards=1)
+    job = str(tmp_path / "job")
+    result = run_trainer(tiny_flags(train, val, job, backend="jax"), hypertune_file)
+    check_outputs(job, result, hypertune_file, [2, 4])
+    assert json.load(open(os.path.join(job, "config.json")))["backend"] == "jax"
+    check_export(job, ["0", "1"])
+
+
+def test_rerun_resumes_from_the_checkpoint(tmp_path, hypertune_file):
+    train = write_tfrecords(tmp_path / "train")
+    val = write_tfrecords(tmp_path / "val", per_class=3, seed=1, shards=1)
+    job = str(tmp_path / "job")
+    first = run_trainer(tiny_flags(train, val, job, max_steps=4), hypertune_file)
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = run_trainer(tiny_flags(train, val, job, max_steps=6), hypertune_file)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "resuming from the checkpoint at step 4" in second.stdout
+    assert "step 2/6" not in second.stdout  # finished steps are not trained again
+    metrics = json.load(open(os.path.join(job, "metrics.json")))
+    assert [e["step"] for e in metrics["evaluations"]] == [2, 4, 6]
+    assert sorted(os.listdir(os.path.join(job, "checkpoints"))) == [
+        "best.weights.h5", "ckpt-6.optimizer.npz", "ckpt-6.weights.h5", "state.json"]
