@@ -1,0 +1,232 @@
+"""The search space: one Param per tuned trainer flag, parsed from either study
+shape, checked once, and turned into Optuna suggestions for a trial.
+
+A parameter's name is the trainer flag it sets (DESIGN.md: one name
+everywhere). Conditional parameters are suggested only when their parent took
+one of the listed values, as Vertex AI's conditionalParameterSpecs do.
+"""
+
+import dataclasses
+import math
+
+from trainer.config import UserError
+
+KINDS = ("double", "integer", "categorical", "discrete")
+SCALES = ("linear", "log")
+FLAT_KEYS = ("type", "min", "max", "scale", "values", "default", "conditional")
+VERTEX_SPECS = {
+    "doubleValueSpec": "double",
+    "integerValueSpec": "integer",
+    "categoricalValueSpec": "categorical",
+    "discreteValueSpec": "discrete",
+}
+VERTEX_SCALES = {"UNIT_LINEAR_SCALE": "linear", "SCALE_TYPE_UNSPECIFIED": "linear", "UNIT_LOG_SCALE": "log"}
+VERTEX_PARENTS = ("parentCategoricalValues", "parentDiscreteValues", "parentIntValues")
+
+
+@dataclasses.dataclass(frozen=True)
+class Param:
+    name: str
+    kind: str  # one of KINDS
+    low: float = None  # double / integer ranges, inclusive
+    high: float = None
+    log: bool = False
+    values: tuple = ()  # categorical / discrete choices
+    default: object = None  # a first trial tries it (Vertex: "a good starting point")
+    children: tuple = ()  # ((parent_values tuple, (Param, ...)), ...)
+
+
+def check_keys(mapping, allowed, where):
+    """Unknown keys are mistakes (a misspelt `max` must not silently vanish)."""
+    if not isinstance(mapping, dict):
+        raise UserError(f"{where}: expected a mapping, got {type(mapping).__name__} {mapping!r}")
+    for key in mapping:
+        if key not in allowed:
+            raise UserError(f"{where}.{key}: unknown key; valid keys: {', '.join(allowed)}")
+
+
+def _number(value, where, kind):
+    # Vertex's REST form writes int64 values as strings ("minValue": "1").
+    try:
+        number = float(value) if kind == "double" else int(str(value))
+    except (TypeError, ValueError):
+        what = "a number" if kind == "double" else "an integer"
+        raise UserError(f"{where}: expected {what}, got {value!r}") from None
+    if kind == "double" and not math.isfinite(number):
+        raise UserError(f"{where}: expected a finite number, got {value!r}")
+    return number
+
+
+def make_param(name, kind, where, keys, low=None, high=None, scale="linear", values=None, default=None, children=()):
+    """Checks one parameter; `keys` names, per field, the key the user wrote."""
+    if kind in ("double", "integer"):
+        if low is None or high is None:
+            raise UserError(f"{where}: a {kind} parameter needs {keys['min']} and {keys['max']}")
+        low, high = _number(low, f"{where}.{keys['min']}", kind), _number(high, f"{where}.{keys['max']}", kind)
+        if low > high:
+            raise UserError(f"{where}: {keys['min']} {low} is greater than {keys['max']} {high}")
+        if scale == "log" and low <= 0:
+            raise UserError(f"{where}: a log scale needs {keys['min']} > 0, got {low}")
+        if default is not None:
+            default = _number(default, f"{where}.{keys['default']}", kind)
+            if not low <= default <= high:
+                raise UserError(f"{where}.{keys['default']}: {default} lies outside [{low}, {high}]")
+        return Param(name, kind, low, high, scale == "log", (), default, tuple(children))
+    if not isinstance(values, list) or not values:
+        raise UserError(f"{where}: a {kind} parameter needs a non-empty list {keys['values']}")
+    if kind == "discrete":
+        values = [_number(v, f"{where}.{keys['values']}", "double") for v in values]
+        values = [int(v) if float(v).is_integer() else v for v in values]
+    if len(set(values)) != len(values):
+        raise UserError(f"{where}.{keys['values']}: {values} lists a value twice")
+    if default is not None and default not in values:
+        raise UserError(f"{where}.{keys['default']}: {default!r} is not one of {values}")
+    return Param(name, kind, values=tuple(values), default=default, children=tuple(children))
+
+
+def parse_flat(parameters, where="parameters"):
+    """Our shape: {flag_name: {type, min, max, scale, values, default, conditional}}."""
+    if not isinstance(parameters, dict):
+        raise UserError(f"{where}: expected a mapping of flag name -> spec, got {parameters!r}")
+    if not parameters:
+        raise UserError(f"{where}: give at least one parameter to tune")
+    return tuple(_flat_param(name, spec, f"{where}.{name}") for name, spec in parameters.items())
+
+
+def _flat_param(name, spec, where):
+    check_keys(spec, FLAT_KEYS, where)
+    kind = spec.get("type")
+    if kind not in KINDS:
+        raise UserError(f"{where}.type: {kind!r} is not a parameter type; valid: {', '.join(KINDS)}")
+    scale = spec.get("scale", "linear")
+    if scale not in SCALES:
+        raise UserError(f"{where}.scale: {scale!r} is not a scale; valid: {', '.join(SCALES)}")
+    children = []
+    for i, cond in enumerate(spec.get("conditional") or []):
+        cwhere = f"{where}.conditional[{i}]"
+        check_keys(cond, ("parent_values", "parameters"), cwhere)
+        parents = _parent_values(cond.get("parent_values"), f"{cwhere}.parent_values")
+        children.append((parents, parse_flat(cond.get("parameters") or {}, f"{cwhere}.parameters")))
+    keys = {k: k for k in ("min", "max", "values", "default")}
+    return make_param(name, kind, where, keys, spec.get("min"), spec.get("max"), scale,
+                      spec.get("values"), spec.get("default"), children)
+
+
+def parse_vertex(parameters, where="studySpec.parameters"):
+    """Vertex AI's ParameterSpec list, as a hyperparameter tuning job config has it."""
+    if not isinstance(parameters, list) or not parameters:
+        raise UserError(f"{where}: expected a non-empty list of parameter specs")
+    return tuple(_vertex_param(spec, f"{where}[{i}]") for i, spec in enumerate(parameters))
+
+
+def _vertex_param(spec, where):
+    allowed = ("parameterId", "scaleType", "conditionalParameterSpecs", *VERTEX_SPECS)
+    check_keys(spec, allowed, where)
+    name = spec.get("parameterId")
+    if not name:
+        raise UserError(f"{where}.parameterId: missing")
+    given = [key for key in VERTEX_SPECS if key in spec]
+    if len(given) != 1:
+        raise UserError(f"{where} ({name}): give exactly one of {', '.join(VERTEX_SPECS)}")
+    kind, value_spec = VERTEX_SPECS[given[0]], spec[given[0]]
+    vwhere = f"{where}.{given[0]}"
+    check_keys(value_spec, ("minValue", "maxValue", "defaultValue") if kind in ("double", "integer")
+               else ("values", "defaultValue"), vwhere)
+    scale_type = spec.get("scaleType", "SCALE_TYPE_UNSPECIFIED")
+    if scale_type not in VERTEX_SCALES:
+        raise UserError(f"{where}.scaleType: {scale_type!r} is not supported; valid: {', '.join(VERTEX_SCALES)}")
+    children = []
+    for i, cond in enumerate(spec.get("conditionalParameterSpecs") or []):
+        cwhere = f"{where}.conditionalParameterSpecs[{i}]"
+        check_keys(cond, ("parameterSpec", *VERTEX_PARENTS), cwhere)
+        parent_keys = [key for key in VERTEX_PARENTS if key in cond]
+        if len(parent_keys) != 1:
+            raise UserError(f"{cwhere}: give exactly one of {', '.join(VERTEX_PARENTS)}")
+        parent = cond[parent_keys[0]]
+        check_keys(parent, ("values",), f"{cwhere}.{parent_keys[0]}")
+        parents = _parent_values(parent.get("values"), f"{cwhere}.{parent_keys[0]}.values")
+        children.append((parents, (_vertex_param(cond.get("parameterSpec"), f"{cwhere}.parameterSpec"),)))
+    keys = {"min": "minValue", "max": "maxValue", "values": "values", "default": "defaultValue"}
+    return make_param(name, kind, vwhere, keys, value_spec.get("minValue"), value_spec.get("maxValue"),
+                      VERTEX_SCALES[scale_type], value_spec.get("values"), value_spec.get("defaultValue"), children)
+
+
+def _parent_values(values, where):
+    if not isinstance(values, list) or not values:
+        raise UserError(f"{where}: expected a non-empty list of the parent's values")
+    return tuple(values)
+
+
+def walk(params):
+    """Every parameter, conditional ones included, parents first."""
+    for param in params:
+        yield param
+        for _, children in param.children:
+            yield from walk(children)
+
+
+def check_against_flags(params, flag_types, reserved):
+    """Each parameter must be a trainer flag of a compatible type (before any trial runs)."""
+    for param in walk(params):
+        if param.name in reserved:
+            raise UserError(f"parameter {param.name}: the study driver sets --{param.name} itself (one per trial)")
+        if param.name not in flag_types:
+            raise UserError(f"parameter {param.name}: not a trainer flag; see `python -m trainer.task --helpfull` "
+                            f"for the flags (e.g. initial_learning_rate, optimizer_type, label_smoothing)")
+        flag_type = flag_types[param.name]
+        if param.kind == "double" and flag_type != "float":
+            raise UserError(f"parameter {param.name}: a double range for a {flag_type} flag; "
+                            f"use {'integer' if flag_type == 'int' else 'categorical'}")
+        if param.kind == "integer" and flag_type not in ("int", "float"):
+            raise UserError(f"parameter {param.name}: an integer range for a {flag_type} flag; use categorical")
+
+
+def suggest(trial, params):
+    """The trial's values for params (and the conditional parameters they switch on)."""
+    chosen = {}
+    for param in params:
+        if param.kind == "double":
+            value = trial.suggest_float(param.name, param.low, param.high, log=param.log)
+        elif param.kind == "integer":
+            value = trial.suggest_int(param.name, int(param.low), int(param.high), log=param.log)
+        else:
+            value = trial.suggest_categorical(param.name, list(param.values))
+        chosen[param.name] = value
+        for parent_values, children in param.children:
+            if value in parent_values:
+                chosen.update(suggest(trial, children))
+    return chosen
+
+
+def defaults(params):
+    """{name: default} for parameters that give one (the first trial tries them).
+
+    A conditional parameter's default counts only under its parent's default.
+    """
+    chosen = {}
+    for param in params:
+        if param.default is None:
+            continue
+        chosen[param.name] = param.default
+        for parent_values, children in param.children:
+            if param.default in parent_values:
+                chosen.update(defaults(children))
+    return chosen
+
+
+def grid(params):
+    """GridSampler's search space; a grid needs finite choices and no conditions."""
+    space = {}
+    for param in params:
+        if param.children:
+            raise UserError(f"parameter {param.name}: grid search cannot follow conditional parameters")
+        if param.kind == "double":
+            raise UserError(f"parameter {param.name}: grid search needs finite choices; "
+                            f"make it discrete (a list of values) or pick another sampler")
+        if param.kind == "integer":
+            if param.high - param.low > 1000:
+                raise UserError(f"parameter {param.name}: {param.high - param.low + 1} integers is too big a grid")
+            space[param.name] = list(range(int(param.low), int(param.high) + 1))
+        else:
+            space[param.name] = list(param.values)
+    return space
