@@ -1,0 +1,66 @@
+"""Contract tests over every registered backbone, at tiny size, plus weight decay and pretrained loading."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from trainer import models
+from trainer.config import MODEL_TYPES, UserError
+
+LARGE = {"resnet-101", "resnet-152", "resnet-200", "efficientnet-b4", "efficientnet-b5", "efficientnet-b6", "efficientnet-b7"}
+
+
+def test_registry_covers_every_model_type_flag_value():
+    assert set(models.BACKBONES) == set(MODEL_TYPES)
+
+
+@pytest.mark.parametrize("model_type", [
+    pytest.param(m, marks=pytest.mark.slow) if m in LARGE else m for m in MODEL_TYPES
+])
+def test_backbone_trains_one_step_with_a_gradient_for_every_parameter(model_type):
+    model = models.build_model(model_type, num_classes=3, image_size=32, weight_decay=1e-4, seed=0)
+    images = np.random.default_rng(0).integers(0, 255, size=(2, 32, 32, 3), dtype=np.uint8)
+    labels = tf.one_hot([0, 2], 3)
+    with tf.GradientTape() as tape:
+        logits = model(images, training=True)
+        loss = tf.reduce_mean(tf.nn.softmax_cross_entropy_with_logits(labels, logits)) + tf.add_n(model.losses)
+    grads = tape.gradient(loss, model.trainable_variables)
+    assert logits.shape == (2, 3) and logits.dtype == tf.float32
+    assert np.isfinite(loss.numpy())
+    missing = [v.path for v, g in zip(model.trainable_variables, grads) if g is None]
+    assert not missing
+    assert all(np.isfinite(g.numpy()).all() for g in grads)
+
+
+def test_weight_decay_is_half_the_squared_kernel_norm_times_the_flag():
+    model = models.build_model("resnet-18", num_classes=4, image_size=32, weight_decay=0.01, seed=0)
+    kernels = [v for v in model.trainable_variables if v.name in ("kernel", "depthwise_kernel")]
+    expected = 0.01 * sum(float(np.sum(np.square(v.numpy()))) for v in kernels) / 2
+    assert float(tf.add_n(model.losses)) == pytest.approx(expected, rel=1e-4)
+    assert len(model.losses) == len(kernels)  # no batch-norm scale or bias is decayed
+
+
+def test_no_weight_decay_adds_no_loss():
+    assert models.build_model("resnet-18", num_classes=4, image_size=32).losses == []
+
+
+def test_pretrained_weights_load_backbone_and_skip_a_head_of_another_size(tmp_path):
+    source = models.build_model("resnet-18", num_classes=3, image_size=32, seed=1)
+    path = str(tmp_path / "source.weights.h5")
+    source.save_weights(path)
+    target = models.build_model("resnet-18", num_classes=5, image_size=32, seed=2)
+    assert models.load_pretrained(target, path, "resnet-18", 32) == 3
+    for a, b in zip(source.get_layer("backbone").weights, target.get_layer("backbone").weights):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    same_head = models.build_model("resnet-18", num_classes=3, image_size=32, seed=3)
+    models.load_pretrained(same_head, path, "resnet-18", 32)
+    np.testing.assert_array_equal(same_head.get_layer("logits").kernel.numpy(), source.get_layer("logits").kernel.numpy())
+
+
+def test_pretrained_weights_of_another_architecture_are_refused(tmp_path):
+    path = str(tmp_path / "b0.weights.h5")
+    models.build_model("efficientnet-b0", num_classes=3, image_size=32).save_weights(path)
+    with pytest.raises(UserError, match="does not hold resnet-18 weights"):
+        models.load_pretrained(models.build_model("resnet-18", 3, 32), path, "resnet-18", 32)
+    with pytest.raises(UserError, match="does not exist"):
+        models.load_pretrained(models.build_model("resnet-18", 3, 32), str(tmp_path / "missing.weights.h5"), "resnet-18", 32)
