@@ -113,3 +113,15 @@ def test_rerun_resumes_from_the_checkpoint(tmp_path, hypertune_file):
     assert [e["step"] for e in metrics["evaluations"]] == [2, 4, 6]
     assert sorted(os.listdir(os.path.join(job, "checkpoints"))) == [
         "best.weights.h5", "ckpt-6.optimizer.npz", "ckpt-6.weights.h5", "state.json"]
+
+
+def test_vertex_ai_output_variables_override_the_job_dir_layout(tmp_path, hypertune_file):
+    train = write_tfrecords(tmp_path / "train")
+    job, aip = tmp_path / "job", tmp_path / "aip"
+    env = {"AIP_MODEL_DIR": str(aip / "model"), "AIP_CHECKPOINT_DIR": str(aip / "ckpt"),
+           "AIP_TENSORBOARD_LOG_DIR": str(aip / "tb")}
+    result = run_trainer(tiny_flags(train, train, str(job), max_steps=2), hypertune_file, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (aip / "model" / "saved_model.pb").exists() and (aip / "ckpt" / "best.weights.h5").exists()
+    assert any((aip / "tb").rglob("events*"))
+    assert (job / "metrics.json").exists() and not (job / "model").exists()
