@@ -149,8 +149,9 @@ def _finish(raw, metric, goal, measurement, parameters, max_trials, parallel, ma
     sampler = _settings("sampler", sampler, SAMPLERS)
     if max_trials is None and sampler["type"] != "grid":
         raise UserError("max_trial_count (maxTrialCount): missing; how many trials should the study run?")
-    if max_trials is None:
-        max_trials = _grid_size(parameters)
+    if sampler["type"] == "grid":
+        size = _grid_size(parameters)  # checks that every parameter has finite choices
+        max_trials = size if max_trials is None else max_trials
     if not isinstance(flags, dict):
         raise UserError(f"trainer_flags: expected a mapping of flag: value, got {flags!r}")
     return StudySpec(

@@ -80,13 +80,23 @@ class _Storage(RDBStorage):
             return super().set_trial_state_values(trial_id, state, values)
 
 
+def _with_driver(url):
+    """postgresql:// means psycopg 3 to SQLAlchemy 2.1; use psycopg2 when only that is installed."""
+    import importlib.util
+
+    if url.startswith("postgresql://") and importlib.util.find_spec("psycopg") is None \
+            and importlib.util.find_spec("psycopg2") is not None:
+        return "postgresql+psycopg2://" + url[len("postgresql://"):]
+    return url
+
+
 def open_storage(url, heartbeat_interval):
     """Connects (or fails with one line) before any study is created."""
     stale = "heartbeat_stale_trial_callback"
     if not hasattr(optuna.storages, "RetryHeartbeatStaleTrialCallback"):
         stale = "failed_trial_callback"
     try:
-        return _Storage(url, heartbeat_interval=heartbeat_interval, grace_period=2 * heartbeat_interval,
+        return _Storage(_with_driver(url), heartbeat_interval=heartbeat_interval, grace_period=2 * heartbeat_interval,
                         engine_kwargs=_engine_kwargs(url), **{stale: retry_callback()})
     except ImportError as e:
         raise UserError(f"--storage={shown(url)}: the database driver is missing ({e}); "
@@ -131,8 +141,8 @@ def fail_dead_local_trials(study, storage):
         if worker_host != host or not pid.isdigit() or _driver_alive(int(pid)):
             continue
         trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, trial.number)
+        storage.set_trial_user_attr(trial_id, "failure", "its driver process was killed")
         if storage.set_trial_state_values(trial_id, TrialState.FAIL):
-            storage.set_trial_user_attr(trial_id, "failure", "its driver process was killed")
             retry_callback()(study, storage.get_trial(trial_id))
             yield trial.number
 

@@ -118,20 +118,26 @@ def run_study(spec, job_dir, storage_url, study_name, heartbeat_interval=60, pol
     if defaults and not study.get_trials(deepcopy=False):
         study.enqueue_trial(defaults, skip_if_exists=True)
     progress = Progress(spec)
-    remaining = spec.max_trial_count - _finished(study)
-    if not progress.over_limits(study):
-        runner.say(f"study {study_name!r} ({shown}): {_finished(study)} of {spec.max_trial_count} trials "
-                   f"finished; running up to {spec.parallel_trial_count} at once; job-dir {job_dir}")
+    runner.say(f"study {study_name!r} ({shown}): {_finished(study)} of {spec.max_trial_count} trials "
+               f"finished; running up to {spec.parallel_trial_count} at once; job-dir {job_dir}")
 
-        def objective(trial):
-            params = params_lib.suggest(trial, spec.parameters)
-            shown_params = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
-            runner.say(f"trial {trial.number} started: {shown_params}")
-            return runner.run_trial(trial, spec, job_dir, params, poll_seconds)
+    def objective(trial):
+        params = params_lib.suggest(trial, spec.parameters)
+        shown_params = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
+        runner.say(f"trial {trial.number} started: {shown_params}")
+        return runner.run_trial(trial, spec, job_dir, params, poll_seconds)
 
+    ran = False
+    # Failed trials do not count towards max_trial_count, so one optimize() may not be enough.
+    while not progress.over_limits(study):
+        running = len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))  # on other workers
+        remaining = spec.max_trial_count - _finished(study) - running
+        if remaining <= 0:
+            break
+        ran = True
         study.optimize(objective, n_trials=remaining, n_jobs=min(spec.parallel_trial_count, remaining),
                        catch=(runner.TrialFailed,), callbacks=[progress, *callbacks])
-    elif progress.failure is None:
+    if not ran and progress.failure is None:
         runner.say(f"study {study_name!r} already has {_finished(study)} finished trials; nothing to run")
     runner.say(outputs.write_all(study, spec, job_dir, shown))
     if progress.failure:

@@ -1,0 +1,164 @@
+"""`python -m hptuning.study` end to end over a fake trainer (same flags and
+metrics-file contract as trainer.task, seconds instead of minutes): outputs,
+resume, pruning, failures, killed trainers and workers, storage errors."""
+
+import fcntl
+import json
+import os
+import signal
+
+import pytest
+
+from tests.test_hptuning_support import (assert_one_error_line, driver_env, read_trials, run_driver, run_log,
+                                         start_driver, write_config)
+
+
+def test_study_writes_outputs_and_resume_never_reruns(tmp_path):
+    config = write_config(tmp_path, max_trial_count=4)
+    job_dir, log = str(tmp_path / "sweep"), str(tmp_path / "runs.log")
+    first = run_driver(config, job_dir, env=driver_env(FAKE_RUN_LOG=log))
+    assert first.returncode == 0, first.stderr
+    trials = read_trials(job_dir)
+    assert [t["state"] for t in trials] == ["COMPLETE"] * 4
+    assert all(os.path.isdir(os.path.join(job_dir, f"trial-{n:04d}")) for n in range(4))
+    assert all(t["last_step"] == "3" for t in trials)
+    best = json.load(open(os.path.join(job_dir, "best.json")))
+    values = [float(t["value"]) for t in trials]
+    assert best["value"] == max(values)
+    assert best["model_path"] == os.path.join(job_dir, f"trial-{best['best_trial']:04d}", "model")
+    for plot in ("optimization_history", "param_importances", "intermediate_values"):
+        assert os.path.getsize(os.path.join(job_dir, "plots", f"{plot}.html")) > 0
+    assert f"best: trial {best['best_trial']}" in first.stdout
+    # The trial's value is its best evaluation, read from the trainer's own metrics file.
+    lines = open(os.path.join(job_dir, "trial-0000", "hypertune.metrics")).read().splitlines()
+    assert float(trials[0]["value"]) == max(float(json.loads(line)["top_1_accuracy"]) for line in lines)
+
+    again = run_driver(config, job_dir, env=driver_env(FAKE_RUN_LOG=log))
+    assert again.returncode == 0, again.stderr
+    assert "already has 4 finished trials; nothing to run" in again.stdout
+    more = run_driver(config, job_dir, "--max_trial_count=5", env=driver_env(FAKE_RUN_LOG=log))
+    assert more.returncode == 0, more.stderr
+    assert run_log(log) == [0, 1, 2, 3, 4]  # one more trial; none of the finished ones again
+
+
+def test_median_rule_stops_poor_trials_at_their_first_evaluation(tmp_path):
+    config = write_config(tmp_path, max_trial_count=6, early_stopping={"type": "median", "n_startup_trials": 1},
+                          parameters={"initial_learning_rate": {"type": "categorical", "values": [0.1, 0.001],
+                                                                "default": 0.1}})
+    job_dir = str(tmp_path / "sweep")
+    # A poor trial that is not stopped blocks for a minute (and then completes, failing the test).
+    result = run_driver(config, job_dir, env=driver_env(FAKE_BLOCK_BELOW=0.5))
+    assert result.returncode == 0, result.stderr
+    trials = read_trials(job_dir)
+    poor = [t for t in trials if t["initial_learning_rate"] == "0.001"]
+    assert poor, "the seeded sampler should try the poor value at least once"
+    assert all(t["state"] == "PRUNED" and t["last_step"] == "1" for t in poor)
+    assert all(t["state"] == "COMPLETE" for t in trials if t["initial_learning_rate"] == "0.1")
+    assert "pruned at step 1" in result.stdout
+
+
+def test_a_crashing_trial_fails_alone_and_too_many_stop_the_study(tmp_path):
+    config = write_config(tmp_path, max_trial_count=3)
+    job_dir = str(tmp_path / "sweep")
+    result = run_driver(config, job_dir, env=driver_env(FAKE_CRASH="1"))
+    assert result.returncode == 0, result.stderr
+    states = {int(t["number"]): t["state"] for t in read_trials(job_dir)}
+    assert states == {0: "COMPLETE", 1: "FAIL", 2: "COMPLETE", 3: "COMPLETE"}
+    assert "trial 1 failed: trainer exited with status 2: error: --training_data_path" in result.stdout
+    assert "Traceback" not in result.stderr
+
+    stopped = str(tmp_path / "stopped")
+    config = write_config(tmp_path, name="crashy", max_trial_count=5, max_failed_trial_count=2)
+    result = run_driver(config, stopped, env=driver_env(FAKE_CRASH="0,1,2,3,4"))
+    assert result.returncode == 1
+    assert_one_error_line(result, "study stopped: 2 trials failed (max_failed_trial_count: 2)", "trial 1")
+    assert len(read_trials(stopped)) == 2  # outputs are still written
+
+
+def test_a_trainer_killed_by_sigkill_is_retried_with_the_same_parameters(tmp_path):
+    config = write_config(tmp_path, max_trial_count=2)
+    job_dir = str(tmp_path / "sweep")
+    result = run_driver(config, job_dir, env=driver_env(FAKE_SIGKILL="0"))
+    assert result.returncode == 0, result.stderr
+    trials = {int(t["number"]): t for t in read_trials(job_dir)}
+    assert trials[0]["state"] == "FAIL" and "killed by SIGKILL" in trials[0]["failure"]
+    retry = [t for t in trials.values() if t["retry_of"] == "0"]
+    assert len(retry) == 1 and retry[0]["state"] == "COMPLETE" and retry[0]["failure"] == ""
+    assert retry[0]["initial_learning_rate"] == trials[0]["initial_learning_rate"]
+    assert sum(t["state"] == "COMPLETE" for t in trials.values()) == 2
+
+
+def _wait_for_first_evaluation(path, proc):
+    while not (os.path.exists(path) and os.path.getsize(path) > 0):
+        assert proc.poll() is None, proc.communicate()
+        try:
+            proc.wait(timeout=0.1)
+        except Exception:
+            pass
+
+
+def test_a_killed_worker_is_resumed_by_rerunning_the_command(tmp_path):
+    config = write_config(tmp_path, max_trial_count=2)
+    job_dir, log = str(tmp_path / "sweep"), str(tmp_path / "runs.log")
+    worker = start_driver(config, job_dir, env=driver_env(FAKE_BLOCK="0", FAKE_RUN_LOG=log))
+    _wait_for_first_evaluation(os.path.join(job_dir, "trial-0000", "hypertune.metrics"), worker)
+    worker.send_signal(signal.SIGKILL)
+    worker.communicate()
+    trainer_pid = int(open(log).read().split()[1])
+    while os.path.exists(f"/proc/{trainer_pid}") and "Z" not in open(f"/proc/{trainer_pid}/stat").read().split()[2]:
+        pass  # the trainer follows its driver (PR_SET_PDEATHSIG); a hang here is the failure
+
+    result = run_driver(config, job_dir, env=driver_env(FAKE_RUN_LOG=log))
+    assert result.returncode == 0, result.stderr
+    assert "trial 0: its driver process was killed; it runs again as a new trial" in result.stdout
+    trials = {int(t["number"]): t for t in read_trials(job_dir)}
+    assert trials[0]["state"] == "FAIL"
+    assert trials[1]["retry_of"] == "0" and trials[1]["state"] == "COMPLETE"
+    assert trials[1]["initial_learning_rate"] == trials[0]["initial_learning_rate"]
+    assert sorted(run_log(log)) == [0, 1, 2]
+
+
+def test_sqlite_is_refused_while_another_driver_uses_it(tmp_path):
+    config = write_config(tmp_path)
+    job_dir = tmp_path / "sweep"
+    job_dir.mkdir()
+    with open(job_dir / "study.db.lock", "a+") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.write("hptuning.study pid 4242 on elsewhere\n")
+        held.flush()
+        result = run_driver(config, str(job_dir))
+    assert_one_error_line(result, "pid 4242", "SQLite is for one driver process", "postgresql://")
+    assert not list(job_dir.glob("trial-*"))
+
+
+@pytest.mark.parametrize("storage, fragment", [
+    ("postgresql://tuner:secret@127.0.0.1:1/studies", "cannot open the study storage"),
+    ("mysql-ish:/not a url", "not a database URL"),
+])
+def test_unreachable_storage_is_one_error_and_no_trial(tmp_path, storage, fragment):
+    job_dir = tmp_path / "sweep"
+    result = run_driver(write_config(tmp_path), str(job_dir), f"--storage={storage}")
+    line = assert_one_error_line(result, "--storage=", fragment)
+    assert "secret" not in line
+    assert not list(job_dir.glob("trial-*"))
+
+
+@pytest.mark.parametrize("overrides, fragments", [
+    ({"parameters": {"learning_rate": {"type": "double", "min": 0.1, "max": 1}}},
+     ["parameter learning_rate: not a trainer flag"]),
+    ({"parameters": {"initial_learning_rate": {"type": "real", "min": 0.1, "max": 1}}},
+     ["parameters.initial_learning_rate.type", "double, integer"]),
+])
+def test_bad_config_is_one_error_line_before_any_trial(tmp_path, overrides, fragments):
+    job_dir = tmp_path / "sweep"
+    result = run_driver(write_config(tmp_path, **overrides), str(job_dir))
+    assert result.returncode == 2
+    assert_one_error_line(result, *fragments)
+    assert not job_dir.exists()
+
+
+def test_resuming_with_a_different_search_space_is_refused(tmp_path):
+    job_dir = str(tmp_path / "sweep")
+    assert run_driver(write_config(tmp_path, max_trial_count=1), job_dir).returncode == 0
+    changed = write_config(tmp_path, max_trial_count=1, goal="minimize")
+    assert_one_error_line(run_driver(changed, job_dir), "different goal", "--study_name")

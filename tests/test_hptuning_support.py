@@ -1,0 +1,111 @@
+"""Helpers for the hptuning tests (no tests here): a fake trainer that keeps
+the real trainer's contract (flags in, hypertune metrics lines out), study
+configs that use it, and a way to run `python -m hptuning.study`.
+
+The fake's behaviour per trial is steered by environment variables the driver
+passes through: FAKE_CRASH / FAKE_SIGKILL / FAKE_BLOCK list trial numbers;
+FAKE_BLOCK_BELOW blocks every trial whose accuracy is below it; FAKE_RUN_LOG
+collects one line per trainer start.
+"""
+
+import csv
+import os
+import subprocess
+import sys
+
+import yaml
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+FAKE_TRAINER = r'''
+import json, math, os, signal, sys, time
+flags = dict(a[2:].split("=", 1) for a in sys.argv[1:] if a.startswith("--") and "=" in a)
+trial = os.environ.get("CLOUD_ML_TRIAL_ID", "0")
+def listed(name):
+    return trial in os.environ.get(name, "").split(",")
+if os.environ.get("FAKE_RUN_LOG"):
+    with open(os.environ["FAKE_RUN_LOG"], "a") as f:
+        f.write(f"{trial} {os.getpid()}\n")
+if listed("FAKE_CRASH"):
+    print("error: --training_data_path: no files match (fake crash)", file=sys.stderr)
+    sys.exit(2)
+lr = float(flags.get("initial_learning_rate", 0.1))
+accuracy = max(0.0, 1 - abs(math.log10(lr) + 1) / 3)  # best at lr = 0.1
+steps = int(flags.get("max_steps", 3))
+os.makedirs(os.path.join(flags["job-dir"], "model"), exist_ok=True)
+for step in range(1, steps + 1):
+    with open(os.environ["CLOUD_ML_HP_METRIC_FILE"], "a") as f:
+        line = {"timestamp": time.time(), "trial": trial, "top_1_accuracy": str(accuracy * (0.5 + step / (2 * steps))),
+                "global_step": str(step), "checkpoint_path": ""}
+        f.write(json.dumps(line) + "\n")
+    if step == 1 and listed("FAKE_SIGKILL"):
+        os.kill(os.getpid(), signal.SIGKILL)
+    if step == 1 and (listed("FAKE_BLOCK") or accuracy < float(os.environ.get("FAKE_BLOCK_BELOW", "-1"))):
+        time.sleep(60)  # waits to be terminated; a test that gets here has already failed
+print(f"top_1_accuracy={accuracy}")
+'''
+
+
+def fake_trainer(tmp_path):
+    path = tmp_path / "fake_trainer.py"
+    path.write_text(FAKE_TRAINER)
+    return str(path)
+
+
+def write_config(tmp_path, name="study", **overrides):
+    """A flat-shape study over the fake trainer; keyword arguments replace top-level keys."""
+    config = {
+        "trainer_command": [sys.executable, fake_trainer(tmp_path)],
+        "trainer_flags": {"max_steps": 3},
+        "max_trial_count": 3,
+        "sampler": {"type": "random", "seed": 0},
+        "parameters": {"initial_learning_rate": {"type": "double", "min": 0.001, "max": 1.0, "scale": "log"}},
+    }
+    config.update(overrides)
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return str(path)
+
+
+def driver_env(**fake):
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.update({k: str(v) for k, v in fake.items()})
+    return env
+
+
+def driver_argv(config, job_dir, *flags):
+    return [sys.executable, "-m", "hptuning.study", f"--study_config={config}", f"--job-dir={job_dir}",
+            "--poll_seconds=0.05", *flags]
+
+
+def run_driver(config, job_dir, *flags, env=None, timeout=120):
+    return subprocess.run(driver_argv(config, job_dir, *flags), cwd=ROOT, env=env or driver_env(),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def start_driver(config, job_dir, *flags, env=None):
+    return subprocess.Popen(driver_argv(config, job_dir, *flags), cwd=ROOT, env=env or driver_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def read_trials(job_dir):
+    with open(os.path.join(job_dir, "trials.csv")) as f:
+        return list(csv.DictReader(f))
+
+
+def run_log(path):
+    """Trial numbers in the order the fake trainer started them."""
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [int(line.split()[0]) for line in f if line.strip()]
+
+
+def assert_one_error_line(result, *fragments):
+    assert result.returncode != 0, result.stdout
+    assert "Traceback" not in result.stderr, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, result.stderr
+    for fragment in fragments:
+        assert fragment in errors[0], errors[0]
+    return errors[0]
