@@ -95,15 +95,24 @@ def open_storage(url, heartbeat_interval):
     stale = "heartbeat_stale_trial_callback"
     if not hasattr(optuna.storages, "RetryHeartbeatStaleTrialCallback"):
         stale = "failed_trial_callback"
-    try:
-        return _Storage(_with_driver(url), heartbeat_interval=heartbeat_interval, grace_period=2 * heartbeat_interval,
-                        engine_kwargs=_engine_kwargs(url), **{stale: retry_callback()})
-    except ImportError as e:
-        raise UserError(f"--storage={shown(url)}: the database driver is missing ({e}); "
-                        f"for PostgreSQL: pip install psycopg2-binary") from None
-    except Exception as e:  # sqlalchemy's errors: bad URL, refused connection, bad password
-        reason = str(getattr(e, "orig", None) or e).strip().splitlines()[0]
-        raise UserError(f"--storage={shown(url)}: cannot open the study storage: {reason}") from None
+    import sqlalchemy
+
+    for attempt in range(5):
+        try:
+            return _Storage(_with_driver(url), heartbeat_interval=heartbeat_interval,
+                            grace_period=2 * heartbeat_interval, engine_kwargs=_engine_kwargs(url),
+                            **{stale: retry_callback()})
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError):
+            # Workers started together on a new database race to create Optuna's tables;
+            # the loser finds them made on its next try.
+            if attempt == 4:
+                raise UserError(f"--storage={shown(url)}: could not create Optuna's tables") from None
+        except ImportError as e:
+            raise UserError(f"--storage={shown(url)}: the database driver is missing ({e}); "
+                            f"for PostgreSQL: pip install psycopg2-binary") from None
+        except Exception as e:  # sqlalchemy's errors: bad URL, refused connection, bad password
+            reason = str(getattr(e, "orig", None) or e).strip().splitlines()[0]
+            raise UserError(f"--storage={shown(url)}: cannot open the study storage: {reason}") from None
 
 
 def _engine_kwargs(url):
