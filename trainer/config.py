@@ -16,6 +16,13 @@ DECAY_TYPES = ("cosine", "stepwise")
 OPTIMIZER_TYPES = ("momentum", "adam", "rmsprop")
 BACKENDS = ("tensorflow", "jax")
 PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
+TASKS = ("classification", "multi_label")
+# Metrics an evaluation reports that can be tuned (all: higher is better).
+TUNABLE_METRICS = {
+    "classification": ("top_1_accuracy", "top_5_accuracy"),
+    "multi_label": ("mAP", "macro_f1", "micro_f1", "macro_precision", "macro_recall", "micro_precision",
+                    "micro_recall", "exact_match"),
+}
 
 
 class UserError(Exception):
@@ -56,6 +63,19 @@ class Config:
     label_map_path: str = ""
     max_corrupt_fraction: float = 0.01
     log_frequency: int = 100  # steps between progress lines
+    task: str = "classification"
+    multi_label_threshold: str = "0.5"  # a probability, or "auto": per-class F1-best on validation
+    eval_each_category: bool = False
+    hyperparameter_metric_tag: str = ""  # "" = top_1_accuracy, or mAP for multi_label
+
+    @property
+    def metric(self):
+        """The metric that picks the best evaluation and goes to the hypertune file."""
+        return self.hyperparameter_metric_tag or TUNABLE_METRICS[self.task][0]
+
+    @property
+    def multi_label(self):
+        return self.task == "multi_label"
 
     def to_dict(self):
         return dataclasses.asdict(self)
@@ -130,6 +150,17 @@ def validate(config):
     _one_of(c, "optimizer_type", OPTIMIZER_TYPES)
     _one_of(c, "backend", BACKENDS)
     _one_of(c, "precision", PRECISIONS)
+    _one_of(c, "task", TASKS)
+    if c.hyperparameter_metric_tag:
+        _one_of(c, "hyperparameter_metric_tag", TUNABLE_METRICS[c.task])
+        _require(c.hyperparameter_metric_tag != "top_5_accuracy" or c.num_classes > 5, "hyperparameter_metric_tag",
+                 "top_5_accuracy needs more than 5 classes")
+    if c.multi_label_threshold != "auto":
+        try:
+            ok = 0 < float(c.multi_label_threshold) < 1
+        except ValueError:
+            ok = False
+        _require(ok, "multi_label_threshold", f"must be 'auto' or a probability in (0, 1) (got {c.multi_label_threshold!r})")
     _require(c.initial_learning_rate > 0, "initial_learning_rate", f"must be positive (got {c.initial_learning_rate})")
     _require(c.warmup_learning_rate >= 0, "warmup_learning_rate", f"must be >= 0 (got {c.warmup_learning_rate})")
     _require(0 <= c.warmup_steps < c.max_steps, "warmup_steps", f"must be in [0, max_steps={c.max_steps}) (got {c.warmup_steps})")

@@ -26,11 +26,21 @@ AUTOTUNE = tf.data.AUTOTUNE
 
 
 @dataclasses.dataclass(frozen=True)
+class RecordFormat:
+    """How labels are read: TFRecord feature keys, the offset to subtract, one label or several."""
+
+    image_key: str = "image/encoded"
+    label_key: str = "image/class/label"
+    label_offset: int = 0
+    multi_label: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
 class Source:
     flag: str  # the flag that named it, for error messages
     kind: str  # "tfrecord" | "folder" | "list"
     files: tuple  # TFRecord files, or one image path per record
-    labels: tuple = ()  # per record for "folder" and "list"; TFRecords hold their own
+    labels: tuple = ()  # per record, a tuple of label ids, for "folder" and "list"; TFRecords hold their own
     class_names: tuple = ()  # subfolder names for "folder"
     lines: tuple = ()  # list-file line number per record, for error messages
 
@@ -47,16 +57,15 @@ class Source:
 @dataclasses.dataclass(frozen=True)
 class Scan:
     keys: np.ndarray  # usable records, in source order
-    labels: np.ndarray
     total: int  # records in the source, usable or not
     corrupt: tuple  # locations of records that could not be read or decoded
 
 
-def open_source(path, flag, label_offset=0):
+def open_source(path, flag, fmt=RecordFormat()):
     if tf.io.gfile.isdir(path):
         return _folder_source(path, flag)
     if path.lower().endswith(LIST_EXTENSIONS):
-        return _list_source(path, flag, label_offset)
+        return _list_source(path, flag, fmt)
     files = tuple(sorted(tf.io.gfile.glob(path)))
     if not files:
         raise UserError(f"--{flag}: no files match {path!r} (give a TFRecord glob, a folder per class, or a .txt image list)")
@@ -72,13 +81,13 @@ def _folder_source(path, flag):
         for entry in sorted(tf.io.gfile.listdir(os.path.join(path, name))):
             if entry.lower().endswith(IMAGE_EXTENSIONS):
                 files.append(os.path.join(path, name, entry))
-                labels.append(label)
+                labels.append((label,))
     if not files:
         raise UserError(f"--{flag}: no {'/'.join(IMAGE_EXTENSIONS)} files in the class subfolders of {path}")
     return Source(flag, "folder", tuple(files), tuple(labels), tuple(classes))
 
 
-def _list_source(path, flag, label_offset):
+def _list_source(path, flag, fmt):
     if not tf.io.gfile.exists(path):
         raise UserError(f"--{flag}: image list {path} does not exist")
     base = os.path.dirname(path)
@@ -88,15 +97,27 @@ def _list_source(path, flag, label_offset):
             if not line.strip() or line.lstrip().startswith("#"):
                 continue
             parts = line.split()
-            if len(parts) != 2 or not parts[1].lstrip("-").isdigit():
-                raise UserError(f"--{flag}: {path} line {number}: expected 'image_path integer_label', got {line.strip()!r}")
+            ids = _parse_label_field(parts[1] if len(parts) == 2 else None, fmt.multi_label)
+            if len(parts) > 2 or ids is None:
+                expected = "'image_path id,id,...'" if fmt.multi_label else "'image_path integer_label'"
+                raise UserError(f"--{flag}: {path} line {number}: expected {expected}, got {line.strip()!r}")
             image = parts[0] if parts[0].startswith(("/", "gs://")) else os.path.join(base, parts[0])
             files.append(image)
-            labels.append(int(parts[1]) - label_offset)
+            labels.append(tuple(i - fmt.label_offset for i in ids))
             lines.append(number)
     if not files:
         raise UserError(f"--{flag}: image list {path} has no 'path label' lines")
     return Source(flag, "list", tuple(files), tuple(labels), lines=tuple(lines))
+
+
+def _parse_label_field(field, multi_label):
+    """'3' -> (3,); multi-label also '1,4,7' and no field at all (an image with no label)."""
+    if field is None:
+        return () if multi_label else None
+    items = field.split(",") if multi_label else [field]
+    if not all(item.strip().lstrip("-").isdigit() for item in items):
+        return None
+    return tuple(int(item) for item in items)
 
 
 def _tfrecord_records(source, shuffle_seed=None):
@@ -112,43 +133,61 @@ def _tfrecord_records(source, shuffle_seed=None):
     return files.interleave(read, cycle_length=min(16, len(source.files)), num_parallel_calls=AUTOTUNE, deterministic=True)
 
 
-def _parser(image_key, label_key, label_offset):
-    spec = {image_key: tf.io.FixedLenFeature([], tf.string), label_key: tf.io.FixedLenFeature([], tf.int64)}
+def _parser(fmt):
+    """(key, record) -> (key, encoded image, label): an int64 scalar, or a vector of ids for multi-label."""
+    label_spec = tf.io.VarLenFeature(tf.int64) if fmt.multi_label else tf.io.FixedLenFeature([], tf.int64)
+    spec = {fmt.image_key: tf.io.FixedLenFeature([], tf.string), fmt.label_key: label_spec}
 
     def parse(key, record):
         example = tf.io.parse_single_example(record, spec)
-        return key, example[image_key], example[label_key] - label_offset
+        label = example[fmt.label_key]
+        if fmt.multi_label:
+            label = label.values
+        return key, example[fmt.image_key], label - fmt.label_offset
 
     return parse
 
 
-def _encoded(source, keys, parse, shuffle_seed=None):
+def _encoded(source, keys, fmt, shuffle_seed=None):
     """(key, encoded image, label) for the records in `keys` (None = all)."""
     if source.kind == "tfrecord":
-        ds = _tfrecord_records(source, shuffle_seed).map(parse, num_parallel_calls=AUTOTUNE)
+        ds = _tfrecord_records(source, shuffle_seed).map(_parser(fmt), num_parallel_calls=AUTOTUNE)
         if keys is not None:  # some records were left out by the scan
             keep = tf.lookup.StaticHashTable(tf.lookup.KeyValueTensorInitializer(keys, tf.ones_like(keys)), 0)
             ds = ds.filter(lambda key, image, label: keep.lookup(key) > 0)
         return ds
     keys = np.arange(len(source.files), dtype=np.int64) if keys is None else keys
-    ds = tf.data.Dataset.from_tensor_slices((keys, np.array(source.files)[keys], np.array(source.labels, np.int64)[keys]))
+    chosen = [source.labels[k] for k in keys]
+    if fmt.multi_label:
+        values = np.array([i for ids in chosen for i in ids], dtype=np.int64)
+        labels = tf.RaggedTensor.from_row_lengths(values, np.array([len(ids) for ids in chosen], dtype=np.int64))
+    else:
+        labels = np.array([ids[0] for ids in chosen], dtype=np.int64)
+    ds = tf.data.Dataset.from_tensor_slices((keys, np.array(source.files)[keys], labels))
     if shuffle_seed is not None:
         ds = ds.shuffle(len(keys), seed=shuffle_seed, reshuffle_each_iteration=True)
     return ds.map(lambda key, path, label: (key, tf.io.read_file(path), label), num_parallel_calls=AUTOTUNE)
 
 
-def scan(source, num_classes, image_key, label_key, label_offset, max_corrupt_fraction):
+def _target(label, num_classes, multi_label):
+    """One-hot for a single label, multi-hot (possibly all zero) for several."""
+    if multi_label:
+        return tf.minimum(tf.reduce_sum(tf.one_hot(label, num_classes), axis=0), 1.0)
+    return tf.one_hot(label, num_classes)
+
+
+def scan(source, num_classes, fmt, max_corrupt_fraction):
     """Reads every record once; raises UserError for bad labels or too many corrupt images."""
-    parse = _parser(image_key, label_key, label_offset)
-    all_keys, labels = _read_labels(source, parse)
-    bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
+    all_keys, lowest, highest = _read_label_ranges(source, fmt)
+    bad = np.flatnonzero((lowest < 0) | (highest >= num_classes))
     if bad.size:
         i = bad[0]
+        value = lowest[i] if lowest[i] < 0 else highest[i]
         raise UserError(
-            f"--{source.flag}: label {labels[i] + label_offset} of {source.locate(all_keys[i])} is outside "
-            f"[0, {num_classes}) after --label_offset={label_offset} ({bad.size} such records; check --num_classes and --label_offset)"
+            f"--{source.flag}: label {value + fmt.label_offset} of {source.locate(all_keys[i])} is outside "
+            f"[0, {num_classes}) after --label_offset={fmt.label_offset} ({bad.size} such records; check --num_classes and --label_offset)"
         )
-    decodable = _decodable_keys(source, parse)
+    decodable = _decodable_keys(source, fmt)
     usable = np.isin(all_keys, decodable)
     corrupt = tuple(source.locate(k) for k in all_keys[~usable])
     if len(corrupt) > max_corrupt_fraction * len(all_keys):
@@ -156,21 +195,31 @@ def scan(source, num_classes, image_key, label_key, label_offset, max_corrupt_fr
             f"--{source.flag}: {len(corrupt)} of {len(all_keys)} images cannot be read or decoded (first: {corrupt[0]}); "
             f"fix or remove them, or raise --max_corrupt_fraction"
         )
-    return Scan(all_keys[usable], labels[usable], len(all_keys), corrupt)
+    return Scan(all_keys[usable], len(all_keys), corrupt)
 
 
-def _read_labels(source, parse):
+def _read_label_ranges(source, fmt):
+    """Every record's key with its lowest and highest label id (0, 0 for a record without labels)."""
     if source.kind != "tfrecord":
-        return np.arange(len(source.files), dtype=np.int64), np.array(source.labels, dtype=np.int64)
-    ds = _tfrecord_records(source).map(parse, num_parallel_calls=AUTOTUNE)
-    ds = ds.map(lambda key, image, label: (key, label)).batch(65536)
+        ranges = np.array([(min(ids), max(ids)) if ids else (0, 0) for ids in source.labels], dtype=np.int64)
+        return np.arange(len(source.files), dtype=np.int64), ranges[:, 0], ranges[:, 1]
+
+    def label_range(key, image, label):
+        label = tf.reshape(label, [-1])
+        empty = tf.equal(tf.size(label), 0)
+        lowest = tf.where(empty, tf.constant(0, tf.int64), tf.reduce_min(label))
+        highest = tf.where(empty, tf.constant(0, tf.int64), tf.reduce_max(label))
+        return key, lowest, highest
+
+    ds = _tfrecord_records(source).map(_parser(fmt), num_parallel_calls=AUTOTUNE)
+    ds = ds.map(label_range).batch(65536)
     try:
         chunks = list(ds.as_numpy_iterator())
     except (tf.errors.DataLossError, tf.errors.InvalidArgumentError) as e:
-        raise UserError(_describe_tfrecord_error(source, parse, e)) from None
+        raise UserError(_describe_tfrecord_error(source, _parser(fmt), e)) from None
     if not chunks:
         raise UserError(f"--{source.flag}: the TFRecord files hold no records")
-    return np.concatenate([c[0] for c in chunks]), np.concatenate([c[1] for c in chunks])
+    return tuple(np.concatenate([c[i] for c in chunks]) for i in range(3))
 
 
 def _describe_tfrecord_error(source, parse, error):
@@ -185,11 +234,11 @@ def _describe_tfrecord_error(source, parse, error):
         except tf.errors.InvalidArgumentError as e:
             reason = e.message.splitlines()[0]
             return (f"--{source.flag}: {filename} record {int(i)} is not a tf.Example with the expected features "
-                    f"({reason}); set --image_key / --label_key")
+                    f"({reason}); set --image_key / --label_key, or --task=multi_label for several labels")
     return f"--{source.flag}: cannot read the TFRecords: {error.message.splitlines()[0]}"
 
 
-def _decodable_keys(source, parse):
+def _decodable_keys(source, fmt):
     def probe(key, encoded, label):
         # ratio=8 decodes JPEGs at 1/8 size: a full pass over the data, cheaply.
         shape = tf.cond(
@@ -199,20 +248,19 @@ def _decodable_keys(source, parse):
         )
         return key, shape
 
-    ds = _encoded(source, None, parse).map(probe, num_parallel_calls=AUTOTUNE, deterministic=False)
+    ds = _encoded(source, None, fmt).map(probe, num_parallel_calls=AUTOTUNE, deterministic=False)
     ds = ds.ignore_errors().map(lambda key, shape: key).batch(65536)
     return np.concatenate(list(ds.as_numpy_iterator()) or [np.zeros([0], np.int64)])
 
 
-def training_dataset(source, scan_result, parse_args, batch_size, image_size, num_classes, seed, min_area, flip, start_step=0):
-    """Endless shuffled batches of (uint8 images, one-hot labels).
+def training_dataset(source, scan_result, fmt, batch_size, image_size, num_classes, seed, min_area, flip, start_step=0):
+    """Endless shuffled batches of (uint8 images, one- or multi-hot labels).
 
     Deterministic for a seed: resuming at start_step skips exactly the records
     an uninterrupted run consumed, and gives them the same crops and flips.
     """
-    parse = _parser(*parse_args)
     keys = scan_result.keys if len(scan_result.keys) < scan_result.total else None
-    ds = _encoded(source, keys, parse, shuffle_seed=seed)
+    ds = _encoded(source, keys, fmt, shuffle_seed=seed)
     if source.kind == "tfrecord":
         ds = ds.shuffle(min(scan_result.total, 16384), seed=seed, reshuffle_each_iteration=True)
     start = start_step * batch_size
@@ -221,20 +269,19 @@ def training_dataset(source, scan_result, parse_args, batch_size, image_size, nu
     def prepare(index, element):
         _, encoded, label = element
         image = images.train_image(encoded, image_size, tf.stack([tf.cast(seed, tf.int64), index]), min_area, flip)
-        return image, tf.one_hot(label, num_classes)
+        return image, _target(label, num_classes, fmt.multi_label)
 
     ds = ds.map(prepare, num_parallel_calls=AUTOTUNE, deterministic=True)
     return ds.batch(batch_size, drop_remainder=True).prefetch(AUTOTUNE)
 
 
-def eval_dataset(source, scan_result, parse_args, batch_size, image_size, num_classes, num_images=0):
+def eval_dataset(source, scan_result, fmt, batch_size, image_size, num_classes, num_images=0):
     """The first num_images usable records (0 = all), centrally cropped, in order."""
-    parse = _parser(*parse_args)
     keys = scan_result.keys if len(scan_result.keys) < scan_result.total else None
-    ds = _encoded(source, keys, parse)
+    ds = _encoded(source, keys, fmt)
     count = len(scan_result.keys) if num_images == 0 else min(num_images, len(scan_result.keys))
     ds = ds.take(count).map(
-        lambda key, encoded, label: (images.eval_image(encoded, image_size), tf.one_hot(label, num_classes)),
+        lambda key, encoded, label: (images.eval_image(encoded, image_size), _target(label, num_classes, fmt.multi_label)),
         num_parallel_calls=AUTOTUNE,
     )
     ds = ds.apply(tf.data.experimental.assert_cardinality(count))  # lets Keras restart it each evaluation

@@ -3,9 +3,13 @@
 Signatures:
   serving_default(image_bytes: string [B])    encoded JPEG/PNG/GIF/BMP bytes
   serving_images(images: uint8 [B, H, W, 3])  decoded RGB images, any size
-both returning probabilities [B, C], and the top-k classes, scores and
-class_names [B, k]. Bytes get exactly the evaluation crop; uint8 images are
-resized whole. The SavedModel is always written by the TensorFlow backend
+  metadata()                                  class_names [C], task, image_size
+Single-label models return probabilities [B, C] (softmax) and the top-k
+(k = min(5, C)) classes, scores and class_names [B, k]. Multi-label models
+return sigmoid probabilities [B, C], predictions (bool [B, C], per-class
+thresholds applied), and classes / scores / class_names [B, C] ordered by
+probability, the predicted ones first, the rest padded with -1 / 0 / "".
+Bytes get exactly the evaluation crop; uint8 images are resized whole. The SavedModel is always written by the TensorFlow backend
 (from a weights file) so it loads on plain CPU TensorFlow whatever trained it:
 a JAX run exports in a child process (`python -m trainer.export SPEC.json`).
 """
@@ -16,12 +20,15 @@ import subprocess
 import sys
 
 
-def export_saved_model(weights_path, model_type, num_classes, image_size, class_names, export_dir):
-    """Builds the model from weights_path and writes export_dir, replacing it atomically."""
+def export_saved_model(weights_path, model_type, num_classes, image_size, class_names, export_dir, thresholds=None):
+    """Builds the model from weights_path and writes export_dir, replacing it atomically.
+
+    thresholds: per-class probability thresholds of a multi-label model; None for single-label.
+    """
     import keras
 
     if keras.backend.backend() != "tensorflow":
-        return _export_in_child(weights_path, model_type, num_classes, image_size, class_names, export_dir)
+        return _export_in_child(weights_path, model_type, num_classes, image_size, class_names, export_dir, thresholds)
     import tensorflow as tf
 
     from trainer import images, models
@@ -29,17 +36,12 @@ def export_saved_model(weights_path, model_type, num_classes, image_size, class_
     model = models.build_model(model_type, num_classes, image_size)
     model.load_weights(weights_path)
     names = tf.constant(list(class_names))
-    k = min(5, num_classes)
 
     def outputs(uint8_images):
-        probabilities = tf.nn.softmax(model(uint8_images, training=False), axis=-1)
-        top = tf.math.top_k(probabilities, k=k)
-        return {
-            "probabilities": probabilities,
-            "classes": tf.cast(top.indices, tf.int64),
-            "scores": top.values,
-            "class_names": tf.gather(names, top.indices),
-        }
+        logits = model(uint8_images, training=False)
+        if thresholds is None:
+            return _single_label_outputs(tf.nn.softmax(logits, axis=-1), names, min(5, num_classes))
+        return _multi_label_outputs(tf.sigmoid(logits), names, tf.constant(thresholds, tf.float32))
 
     def serve_bytes(image_bytes):
         decoded = tf.map_fn(
@@ -58,11 +60,42 @@ def export_saved_model(weights_path, model_type, num_classes, image_size, class_
     # TF Serving's REST API base64-decodes inputs whose name ends in _bytes.
     archive.add_endpoint("serving_default", serve_bytes, input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
     archive.add_endpoint("serving_images", serve_images, input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8, name="images")])
+    task = "classification" if thresholds is None else "multi_label"
+    archive.add_endpoint("metadata", lambda: {"class_names": names, "task": tf.constant(task), "image_size": tf.constant(image_size)},
+                         input_signature=[])
     tmp = f"{export_dir.rstrip('/')}.tmp-{os.getpid()}"
     if tf.io.gfile.exists(tmp):
         tf.io.gfile.rmtree(tmp)
     archive.write_out(tmp, verbose=False)
     _replace_dir(tmp, export_dir)
+
+
+def _single_label_outputs(probabilities, names, k):
+    import tensorflow as tf
+
+    top = tf.math.top_k(probabilities, k=k)
+    return {
+        "probabilities": probabilities,
+        "classes": tf.cast(top.indices, tf.int64),
+        "scores": top.values,
+        "class_names": tf.gather(names, top.indices),
+    }
+
+
+def _multi_label_outputs(probabilities, names, thresholds):
+    import tensorflow as tf
+
+    predictions = probabilities >= thresholds
+    # Rank predicted classes first (by probability), then pad the rest.
+    order = tf.argsort(probabilities + tf.cast(predictions, tf.float32) * 2.0, axis=-1, direction="DESCENDING")
+    chosen = tf.gather(predictions, order, batch_dims=1)
+    return {
+        "probabilities": probabilities,
+        "predictions": predictions,
+        "classes": tf.where(chosen, tf.cast(order, tf.int64), tf.constant(-1, tf.int64)),
+        "scores": tf.where(chosen, tf.gather(probabilities, order, batch_dims=1), 0.0),
+        "class_names": tf.where(chosen, tf.gather(names, order), ""),
+    }
 
 
 def _replace_dir(new, target):
@@ -77,9 +110,9 @@ def _replace_dir(new, target):
         tf.io.gfile.rmtree(old)
 
 
-def _export_in_child(weights_path, model_type, num_classes, image_size, class_names, export_dir):
-    spec = dict(weights_path=weights_path, model_type=model_type, num_classes=num_classes,
-                image_size=image_size, class_names=list(class_names), export_dir=export_dir)
+def _export_in_child(weights_path, model_type, num_classes, image_size, class_names, export_dir, thresholds):
+    spec = dict(weights_path=weights_path, model_type=model_type, num_classes=num_classes, image_size=image_size,
+                class_names=list(class_names), export_dir=export_dir, thresholds=thresholds)
     spec_path = f"{weights_path}.export.json"
     with open(spec_path, "w") as f:
         json.dump(spec, f)

@@ -15,7 +15,6 @@ import keras
 
 from trainer.config import UserError
 
-METRIC = "top_1_accuracy"
 IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
 IMAGENET_VARIANCE = ((0.229 * 255) ** 2, (0.224 * 255) ** 2, (0.225 * 255) ** 2)
 
@@ -111,17 +110,18 @@ def make_optimizer(optimizer_type, learning_rate, optimizer_arguments=()):
     return keras.optimizers.RMSprop(learning_rate=learning_rate, **kwargs)
 
 
-def compile_classifier(model, optimizer, num_classes, label_smoothing=0.0, **compile_kwargs):
-    """The training step the trainer runs (and bench/ measures): softmax cross-entropy on one-hot labels."""
-    metrics = [keras.metrics.CategoricalAccuracy(name=METRIC)]
-    if num_classes > 5:
-        metrics.append(keras.metrics.TopKCategoricalAccuracy(k=5, name="top_5_accuracy"))
-    model.compile(
-        optimizer=optimizer,
-        loss=keras.losses.CategoricalCrossentropy(from_logits=True, label_smoothing=label_smoothing),
-        metrics=metrics,
-        **compile_kwargs,
-    )
+def compile_classifier(model, optimizer, num_classes, label_smoothing=0.0, multi_label=False, **compile_kwargs):
+    """The training step the trainer runs (and bench/ measures).
+
+    Softmax cross-entropy on one-hot labels, or for multi_label sigmoid binary
+    cross-entropy on multi-hot labels. Evaluation metrics are computed apart,
+    exactly, from predictions (trainer/metrics.py), so none are compiled in.
+    """
+    if multi_label:
+        loss = keras.losses.BinaryCrossentropy(from_logits=True, label_smoothing=label_smoothing)
+    else:
+        loss = keras.losses.CategoricalCrossentropy(from_logits=True, label_smoothing=label_smoothing)
+    model.compile(optimizer=optimizer, loss=loss, **compile_kwargs)
 
 
 def add_weight_decay(model, weight_decay):

@@ -50,6 +50,10 @@ flags.DEFINE_integer("label_offset", 0, "Subtracted from every label (1 for Goog
 flags.DEFINE_string("label_map_path", "", "Text file with one class name per line, in label order.", flag_values=FLAGS)
 flags.DEFINE_float("max_corrupt_fraction", 0.01, "Stop with an error when more than this fraction of images cannot be decoded.", flag_values=FLAGS)
 flags.DEFINE_integer("log_frequency", 100, "Steps between progress lines.", flag_values=FLAGS)
+flags.DEFINE_string("task", "classification", "classification (one label per image) | multi_label (any number: sigmoid head).", flag_values=FLAGS)
+flags.DEFINE_string("multi_label_threshold", "0.5", "multi_label: a probability, or 'auto' for per-class thresholds that maximise F1 on validation; stored in the export.", flag_values=FLAGS)
+flags.DEFINE_boolean("eval_each_category", False, "Also report every class's AP, precision, recall and F1 (multi_label) in metrics.json and TensorBoard.", flag_values=FLAGS)
+flags.DEFINE_string("hyperparameter_metric_tag", "", "Metric that picks the best evaluation and is reported for tuning; default top_1_accuracy, or mAP for multi_label.", flag_values=FLAGS)
 
 _LIST_FLAGS = {
     "stepwise_learning_rate_steps": config_lib.parse_int_list,

@@ -7,6 +7,7 @@ too), and, when the evaluation is the best so far, best.weights.h5. The
 SavedModel in model/ is exported from best.weights.h5 at the end.
 """
 
+import functools
 import io
 import json
 import math
@@ -16,11 +17,8 @@ import time
 import keras
 import numpy as np
 
-from trainer import data, export, models, report, schedules
+from trainer import data, export, metrics, models, report, schedules
 from trainer.config import UserError
-
-METRIC = models.METRIC
-
 
 def job_paths(job_dir):
     """Output locations; Vertex AI's AIP_* variables win where set."""
@@ -45,19 +43,19 @@ def _prepare_output(paths):
 
 
 def run(c, job_dir):
-    """Trains, evaluates and exports; returns the best top_1_accuracy."""
+    """Trains, evaluates and exports; returns the best value of c.metric."""
     paths = job_paths(job_dir)
     _prepare_output(paths)
     keras.utils.set_random_seed(c.seed)
     keras.mixed_precision.set_dtype_policy(c.precision)
 
-    train_source = data.open_source(c.training_data_path, "training_data_path", c.label_offset)
-    eval_source = data.open_source(c.validation_data_path, "validation_data_path", c.label_offset)
+    fmt = data.RecordFormat(c.image_key, c.label_key, c.label_offset, c.multi_label)
+    train_source = data.open_source(c.training_data_path, "training_data_path", fmt)
+    eval_source = data.open_source(c.validation_data_path, "validation_data_path", fmt)
     class_names = data.class_names(train_source, eval_source, c.num_classes, c.label_map_path)
-    parse_args = (c.image_key, c.label_key, c.label_offset)
     report.say(f"scanning {c.training_data_path} and {c.validation_data_path} ...")
-    train_scan = data.scan(train_source, c.num_classes, *parse_args, c.max_corrupt_fraction)
-    eval_scan = data.scan(eval_source, c.num_classes, *parse_args, c.max_corrupt_fraction)
+    train_scan = data.scan(train_source, c.num_classes, fmt, c.max_corrupt_fraction)
+    eval_scan = data.scan(eval_source, c.num_classes, fmt, c.max_corrupt_fraction)
     report.say(f"{len(train_scan.keys)} training images, {len(eval_scan.keys)} validation images, "
                f"{len(train_scan.corrupt) + len(eval_scan.corrupt)} unreadable skipped")
     report.write_json(os.path.join(job_dir, "config.json"), {**c.to_dict(), "job_dir": job_dir})
@@ -67,26 +65,29 @@ def run(c, job_dir):
     if c.pretrained_checkpoint_path:
         models.load_pretrained(model, c.pretrained_checkpoint_path, c.model_type, c.image_size)
     optimizer = models.make_optimizer(c.optimizer_type, schedules.from_config(c), c.optimizer_arguments)
-    models.compile_classifier(model, optimizer, c.num_classes, c.label_smoothing)
+    models.compile_classifier(model, optimizer, c.num_classes, c.label_smoothing, c.multi_label)
     state = Checkpoints(paths["checkpoints"]).restore(model)
     start_step = state.get("step", 0)
     if start_step:
         report.say(f"resuming from the checkpoint at step {start_step}")
 
     train_ds = data.training_dataset(
-        train_source, train_scan, parse_args, c.train_batch_size, c.image_size, c.num_classes,
+        train_source, train_scan, fmt, c.train_batch_size, c.image_size, c.num_classes,
         c.seed, c.random_crop_min_area, c.random_flip, start_step,
     )
-    eval_ds, num_eval = data.eval_dataset(eval_source, eval_scan, parse_args, c.eval_batch_size, c.image_size, c.num_classes, c.num_eval_images)
-    history = Evaluations(paths, job_dir, state, {
-        "training_images": len(train_scan.keys), "evaluation_images": num_eval,
+    eval_ds, num_eval = data.eval_dataset(eval_source, eval_scan, fmt, c.eval_batch_size, c.image_size, c.num_classes, c.num_eval_images)
+    evaluate = functools.partial(
+        evaluate_model, dataset=eval_ds, multi_label=c.multi_label, threshold=c.multi_label_threshold,
+        class_names=class_names if c.eval_each_category else None,
+    )
+    history = Evaluations(evaluate, c.metric, paths, job_dir, state, {
+        "task": c.task, "training_images": len(train_scan.keys), "evaluation_images": num_eval,
         "corrupt_images": {"training": len(train_scan.corrupt), "validation": len(eval_scan.corrupt),
                            "examples": list((train_scan.corrupt + eval_scan.corrupt)[:20])},
     })
     if start_step < c.max_steps:
         model.fit(
             train_ds,
-            validation_data=eval_ds,
             steps_per_epoch=c.eval_frequency,
             initial_epoch=start_step // c.eval_frequency,
             epochs=math.ceil(c.max_steps / c.eval_frequency),
@@ -98,9 +99,29 @@ def run(c, job_dir):
     if best is None:
         raise UserError("no evaluation ran; check --max_steps and --eval_frequency")
     report.say(f"exporting the best evaluation (step {best['step']}) to {paths['model']}")
-    export.export_saved_model(history.best_weights, c.model_type, c.num_classes, c.image_size, class_names, paths["model"])
-    report.say(f"{METRIC}={best[METRIC]:.4f}")
-    return best[METRIC]
+    export.export_saved_model(history.best_weights, c.model_type, c.num_classes, c.image_size, class_names,
+                              paths["model"], thresholds=best.get("thresholds"))
+    report.say(f"{c.metric}={best[c.metric]:.4f}")
+    return best[c.metric]
+
+
+def evaluate_model(model, dataset, multi_label, threshold, class_names):
+    """Exact metrics over the whole evaluation set (metrics.py), from the model's predictions."""
+    logits, targets = [], []
+    for images, target in dataset.as_numpy_iterator():
+        logits.append(keras.ops.convert_to_numpy(model.predict_on_batch(images)))
+        targets.append(target)
+    logits, targets = np.concatenate(logits).astype(np.float64), np.concatenate(targets)
+    if not multi_label:
+        probabilities = np.exp(logits - logits.max(axis=1, keepdims=True))
+        return metrics.classification(probabilities / probabilities.sum(axis=1, keepdims=True), targets.argmax(axis=1))
+    probabilities = 1 / (1 + np.exp(-logits))
+    if threshold == "auto":
+        thresholds = metrics.best_f1_thresholds(probabilities, targets)
+    else:
+        thresholds = np.full(targets.shape[1], float(threshold))
+    result = metrics.multi_label(probabilities, targets, thresholds, class_names)
+    return {**result, "thresholds": [float(t) for t in thresholds]}
 
 
 class Checkpoints:
@@ -143,8 +164,9 @@ class Checkpoints:
 class Evaluations(keras.callbacks.Callback):
     """After each evaluation: metrics.json, hypertune line, TensorBoard, checkpoint, best weights."""
 
-    def __init__(self, paths, job_dir, state, summary):
+    def __init__(self, evaluate, metric, paths, job_dir, state, summary):
         super().__init__()
+        self.evaluate, self.metric = evaluate, metric
         self.checkpoints = Checkpoints(paths["checkpoints"])
         self.best_weights = os.path.join(paths["checkpoints"], "best.weights.h5")
         self.metrics_path = os.path.join(job_dir, "metrics.json")
@@ -156,22 +178,25 @@ class Evaluations(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         step = int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
-        result = {"step": step, **{k[4:]: float(v) for k, v in logs.items() if k.startswith("val_")}}
+        result = {"step": step, **self.evaluate(self.model)}
         self.evaluations.append(result)
-        if self.best is None or result[METRIC] > self.best[METRIC]:
+        if self.best is None or result[self.metric] > self.best[self.metric]:
             self.best = result
             tmp = self.best_weights.replace(".weights.h5", f".tmp-{os.getpid()}.weights.h5")
             self.model.save_weights(tmp)
             report.gfile().rename(tmp, self.best_weights, overwrite=True)
         self.checkpoints.save(self.model, step, {"evaluations": self.evaluations, "best": self.best})
         self._write_metrics()
-        report.append_hypertune(METRIC, result[METRIC], step)
-        self.tensorboard.scalars("validation", step, {k: v for k, v in result.items() if k != "step"})
-        shown = "  ".join(f"{k} {v:.4f}" for k, v in result.items() if k != "step")
-        report.say(f"eval at step {step}: {shown}  (best {METRIC} {self.best[METRIC]:.4f} at step {self.best['step']})")
+        report.append_hypertune(self.metric, result[self.metric], step)
+        scalars = {k: v for k, v in result.items() if isinstance(v, float)}
+        for name, figures in result.get("per_category", {}).items():
+            scalars.update({f"per_category/{name}/{k}": v for k, v in figures.items() if v is not None})
+        self.tensorboard.scalars("validation", step, scalars)
+        shown = "  ".join(f"{k} {v:.4f}" for k, v in result.items() if isinstance(v, float))
+        report.say(f"eval at step {step}: {shown}  (best {self.metric} {self.best[self.metric]:.4f} at step {self.best['step']})")
 
     def _write_metrics(self):
-        report.write_json(self.metrics_path, {"metric": METRIC, "evaluations": self.evaluations, "best": self.best, **self.summary})
+        report.write_json(self.metrics_path, {"metric": self.metric, "evaluations": self.evaluations, "best": self.best, **self.summary})
 
 
 class Progress(keras.callbacks.Callback):
