@@ -18,7 +18,6 @@ block of the list into `OUTPUT-0000i-of-0000N`; the same command with
 import json
 import os
 import sys
-import threading
 import urllib.request
 
 from absl import flags

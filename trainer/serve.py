@@ -107,13 +107,12 @@ class Batcher:
             for item in batch:
                 item.outputs = {key: value[start:start + len(item.images)] for key, value in outputs.items()}
                 start += len(item.images)
-        except tf.errors.InvalidArgumentError as e:
+        except tf.errors.InvalidArgumentError:
             if len(batch) > 1:  # find the request at fault; the others still get answers
                 for item in batch:
                     self._run([item])
                 return
-            first_line = e.message.splitlines()[0] if e.message else ""
-            batch[0].error = BadRequest(f"an instance is not a JPEG, PNG, GIF or BMP image ({first_line})")
+            batch[0].error = BadRequest("an instance is not a JPEG, PNG, GIF or BMP image")
         except Exception as e:  # a model failure answers 500 instead of killing the batcher
             for item in batch:
                 item.error = BadRequest(f"prediction failed: {e}", status=500)
@@ -246,8 +245,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
             raise BadRequest("every instance of one serving_images request must have the same [height, width, 3]")
         try:
             return self.server.model.serve_images(images=tf.constant(np.stack(arrays)))
-        except tf.errors.InvalidArgumentError as e:
-            raise BadRequest(f"wrong input: {e.message.splitlines()[0]}")
+        except tf.errors.InvalidArgumentError:
+            raise BadRequest("these images do not fit the serving_images signature (uint8 [B, H, W, 3])")
 
 
 def make_server(model, host, port, model_name, max_body_bytes, max_batch_size, batch_timeout_ms):

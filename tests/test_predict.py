@@ -1,0 +1,219 @@
+"""trainer.predict: output lines match the model, bad locations become error lines, sharding, resume, flags."""
+
+import functools
+import http.server
+import json
+import os
+import threading
+
+import numpy as np
+import pytest
+
+from tests.conftest import assert_user_error, encode, run_cli, tiny_image
+from trainer import inference, predict
+
+NAMES = ["cat", "dog", "bird"]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    from trainer import export, models
+
+    root = tmp_path_factory.mktemp("model")
+    weights = str(root / "w.weights.h5")
+    models.build_model("resnet-18", 3, 16).save_weights(weights)
+    export.export_saved_model(weights, "resnet-18", 3, 16, NAMES, str(root / "model"))
+    return str(root / "model")
+
+
+@pytest.fixture(scope="module")
+def image_server(tmp_path_factory):
+    """A local HTTP server over a folder of images: the http:// locations of the tests."""
+    root = tmp_path_factory.mktemp("web")
+    rng = np.random.default_rng(7)
+    for i in range(2):
+        (root / f"web{i}.png").write_bytes(encode(tiny_image(i, rng, size=24), "PNG"))
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
+    handler.log_message = lambda *args: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", root
+    server.shutdown()
+
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory, image_server):
+    """A list mixing good images (relative, absolute, URL) with a missing file, a corrupt one and a 404 URL."""
+    url, web_root = image_server
+    root = tmp_path_factory.mktemp("job")
+    (root / "img").mkdir()
+    rng = np.random.default_rng(3)
+    locations, files = [], {}
+    for i in range(7):
+        fmt = "JPEG" if i % 2 else "PNG"
+        path = root / "img" / f"{i}.{fmt.lower()}"
+        path.write_bytes(encode(tiny_image(i % 3, rng, size=18 + i), fmt))
+        location = f"img/{path.name}" if i % 3 else str(path)  # relative to the list file, or absolute
+        locations.append(location)
+        files[location] = path
+    (root / "img" / "corrupt.jpg").write_bytes(b"\xff\xd8\xff not really a jpeg")
+    locations[2:2] = ["img/missing.jpg", f"{url}/web0.png"]
+    locations[6:6] = ["img/corrupt.jpg", f"{url}/nothere.png", f"{url}/web1.png"]
+    files[f"{url}/web0.png"], files[f"{url}/web1.png"] = web_root / "web0.png", web_root / "web1.png"
+    (root / "list.txt").write_text("\n".join(locations) + "\n\n")
+    return dict(root=root, list=str(root / "list.txt"), locations=locations, files=files,
+                failed=["img/missing.jpg", "img/corrupt.jpg", f"{url}/nothere.png"])
+
+
+def read_output(path, output_format="text"):
+    """[(location, record)] of an output file."""
+    rows = []
+    for line in open(path).read().splitlines():
+        if output_format == "jsonl":
+            record = json.loads(line)
+            rows.append((record.pop("location"), record))
+        else:
+            location, _, payload = line.partition(", {")
+            rows.append((location, json.loads("{" + payload)))
+    return rows
+
+
+def assert_same_predictions(rows, expected_rows):
+    """Same locations in the same order, same errors, probabilities equal up to batching round-off."""
+    assert [loc for loc, _ in rows] == [loc for loc, _ in expected_rows]
+    for (loc, got), (_, want) in zip(rows, expected_rows):
+        assert ("error" in got) == ("error" in want), loc
+        if "error" not in got:
+            np.testing.assert_allclose(got["probs"], want["probs"], atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def cli_output(job, model_dir):
+    out = str(job["root"] / "out" / "predictions.txt")
+    result = run_cli("trainer.predict", [f"--model_dir={model_dir}", f"--input_path={job['list']}",
+                                         f"--output_path={out}", "--batch_size=4"])
+    assert result.returncode == 0, result.stderr
+    return out, result
+
+
+def test_each_location_gets_the_models_prediction_or_an_error_line_in_input_order(job, model_dir, cli_output):
+    import tensorflow as tf
+
+    out, result = cli_output
+    rows = read_output(out)
+    assert [loc for loc, _ in rows] == job["locations"]  # blank lines are not inputs
+    reference = tf.saved_model.load(model_dir).signatures["serving_default"]
+    for location, record in rows:
+        if location in job["failed"]:
+            assert set(record) == {"error"} and location.split("/")[-1] in record["error"]
+            continue
+        want = reference(image_bytes=tf.constant([job["files"][location].read_bytes()]))
+        np.testing.assert_allclose(record["probs"], want["probabilities"].numpy()[0], atol=1e-5)
+        assert list(record["class_probs"]) == NAMES
+        assert record["class_probs"] == dict(zip(NAMES, record["probs"]))
+        assert record["classes"] == want["classes"].numpy()[0].tolist()
+        assert record["class_names"] == [NAMES[c] for c in record["classes"]]
+    assert "not found" in dict(rows)["img/missing.jpg"]["error"]
+    assert "404" in dict(rows)[job["failed"][2]]["error"]
+    assert f"{len(job['locations'])} images, 3 failed" in result.stdout
+
+
+def test_jsonl_holds_the_same_records_with_their_location(job, model_dir, cli_output, tmp_path):
+    out = str(tmp_path / "p.jsonl")
+    predict.run_worker(model_dir, job["list"], out, "jsonl", 1, 0, False, 5, 4, 10.0)
+    assert_same_predictions(read_output(out, "jsonl"), read_output(cli_output[0]))
+
+
+def test_shards_merge_into_the_unsharded_output(job, model_dir, cli_output, tmp_path, capsys):
+    out = str(tmp_path / "sharded.txt")
+    for index in range(3):
+        predict.run_worker(model_dir, job["list"], out, "text", 3, index, False, 2, 4, 10.0)
+    parts = sorted(os.listdir(tmp_path))
+    assert parts == [f"sharded.txt-0000{i}-of-00003" for i in range(3)]
+    predict.merge(job["list"], out, "text", 3, False)
+    assert_same_predictions(read_output(out), read_output(cli_output[0]))
+    assert "3 failed: merged 3 parts" in capsys.readouterr().out
+
+
+def test_merge_refuses_while_a_part_is_unfinished(job, model_dir, tmp_path):
+    out = str(tmp_path / "sharded.txt")
+    predict.run_worker(model_dir, job["list"], out, "text", 2, 0, False, 4, 4, 10.0)
+    with pytest.raises(predict.UserError, match="00001-of-00002 has 0 of 6 lines; run .*worker 1"):
+        predict.merge(job["list"], out, "text", 2, False)
+    assert not os.path.exists(out)
+
+
+def test_rerun_after_a_kill_resumes_after_the_complete_lines(job, model_dir, cli_output, tmp_path, capsys):
+    full = open(cli_output[0]).read().splitlines(keepends=True)
+    out = tmp_path / "resumed.txt"
+    out.write_text("".join(full[:4]) + full[4][:17])  # killed while writing line 5
+    predict.run_worker(model_dir, job["list"], str(out), "text", 1, 0, False, 4, 4, 10.0)
+    assert_same_predictions(read_output(out), read_output(cli_output[0]))
+    assert "(resumed after 4), 3 failed" in capsys.readouterr().out
+
+
+def test_finished_or_foreign_output_is_kept_unless_overwrite(job, model_dir, cli_output, tmp_path):
+    finished = open(cli_output[0]).read()
+    out = tmp_path / "out.txt"
+    out.write_text(finished)
+    with pytest.raises(predict.UserError, match="already complete.*--overwrite"):
+        predict.run_worker(model_dir, job["list"], str(out), "text", 1, 0, False, 4, 4, 10.0)
+    with pytest.raises(predict.UserError, match="not this job's output.*--overwrite"):
+        predict.run_worker(model_dir, job["list"], str(out), "jsonl", 1, 0, False, 4, 4, 10.0)
+    out.write_text("someone else's notes\n")
+    with pytest.raises(predict.UserError, match="line 1 is not this job's output"):
+        predict.run_worker(model_dir, job["list"], str(out), "text", 1, 0, False, 4, 4, 10.0)
+    assert out.read_text() == "someone else's notes\n"
+    predict.run_worker(model_dir, job["list"], str(out), "jsonl", 1, 0, True, 4, 4, 10.0)
+    assert len(read_output(out, "jsonl")) == len(job["locations"])
+
+
+@pytest.mark.parametrize("environ, expected", [
+    ({}, (1, 0)),
+    ({"TF_CONFIG": '{"cluster": {"chief": ["a"], "worker": ["b", "c"]}, "task": {"type": "worker", "index": 1}}'}, (3, 2)),
+    ({"TF_CONFIG": '{"cluster": {"chief": ["a"], "worker": ["b"]}, "task": {"type": "chief", "index": 0}}'}, (2, 0)),
+    ({"CLUSTER_SPEC": '{"cluster": {"workerpool0": ["a"], "workerpool1": ["b", "c"]}, "task": {"type": "workerpool1", "index": 0}}'}, (3, 1)),
+    ({"TF_CONFIG": '{"cluster": {"ps": ["p"], "worker": ["b"]}, "task": {"type": "ps", "index": 0}}'}, (1, 0)),
+])
+def test_worker_index_comes_from_the_cluster_environment(environ, expected):
+    assert predict.cluster_from_env(environ) == expected
+
+
+def test_contiguous_shards_cover_the_list_once():
+    bounds = [predict.shard_bounds(10, 3, i) for i in range(3)]
+    assert bounds == [(0, 3), (3, 6), (6, 10)]
+    assert [predict.shard_bounds(2, 3, i) for i in range(3)] == [(0, 0), (0, 1), (1, 2)]
+
+
+def test_multi_label_records_list_the_predicted_classes_most_probable_first():
+    outputs = {
+        "probabilities": np.array([[0.9, 0.2, 0.7], [0.1, 0.3, 0.2]], np.float32),
+        "predictions": np.array([[True, False, True], [False, False, False]]),
+        "classes": np.array([[0, 2, -1], [-1, -1, -1]]),
+        "class_names": np.array([[b"a", b"c", b""], [b"", b"", b""]], object),
+        "scores": np.array([[0.9, 0.7, 0.0], [0.0, 0.0, 0.0]], np.float32),
+    }
+    first, second = inference.pai_records(outputs, ("a", "b", "c"))
+    assert first["classes"] == [0, 2] and first["class_names"] == ["a", "c"]
+    assert first["predictions"] == [True, False, True]
+    assert first["class_probs"] == pytest.approx({"a": 0.9, "b": 0.2, "c": 0.7})
+    assert second["classes"] == [] and second["class_names"] == [] and second["predictions"] == [False] * 3
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--output_format=csv"], "--output_format=csv is not one of: text, jsonl"),
+    (["--num_workers=2", "--worker_index=2"], "--worker_index=2 must lie in [0, 2)"),
+    (["--num_workers=2"], "--num_workers > 1 needs --worker_index"),
+    (["--batch_size=0"], "--batch_size=0 must be at least 1"),
+    (["--model_dir="], "--model_dir is required"),
+    (["--bogus=1"], "bogus"),
+])
+def test_bad_flags_exit_with_one_error_line(tmp_path, args, fragment):
+    (tmp_path / "list.txt").write_text("a.jpg\n")
+    base = ["--model_dir=m", f"--input_path={tmp_path / 'list.txt'}", f"--output_path={tmp_path / 'o.txt'}"]
+    assert_user_error(run_cli("trainer.predict", base + args), fragment)
+
+
+def test_a_folder_without_a_saved_model_is_a_user_error(job, tmp_path):
+    with pytest.raises(predict.UserError, match=f"--model_dir={tmp_path} holds no saved_model.pb"):
+        predict.run_worker(str(tmp_path), job["list"], str(tmp_path / "o.txt"), "text", 1, 0, False, 4, 4, 10.0)
