@@ -134,9 +134,11 @@ def run_study(spec, job_dir, storage_url, study_name, heartbeat_interval=60, pol
         remaining = spec.max_trial_count - _finished(study) - running
         if remaining <= 0:
             break
-        ran = True
+        ran, before = True, len(study.get_trials(deepcopy=False))
         study.optimize(objective, n_trials=remaining, n_jobs=min(spec.parallel_trial_count, remaining),
                        catch=(runner.TrialFailed,), callbacks=[progress, *callbacks])
+        if not any(t.state == TrialState.FAIL for t in study.get_trials(deepcopy=False)[before:]):
+            break  # done, or stopped by a callback; only failed trials leave trials to make up
     if not ran and progress.failure is None:
         runner.say(f"study {study_name!r} already has {_finished(study)} finished trials; nothing to run")
     runner.say(outputs.write_all(study, spec, job_dir, shown))
@@ -146,7 +148,7 @@ def run_study(spec, job_dir, storage_url, study_name, heartbeat_interval=60, pol
     return 0
 
 
-def _quiet_optuna():
+def quiet_optuna():
     """Optuna's own lines minus the per-trial ones (the driver prints those, without tracebacks)."""
     optuna.logging.disable_default_handler()
     handler = logging.StreamHandler(sys.stderr)
@@ -174,7 +176,7 @@ def main(argv=None):
         _fail(str(e).replace("\n", " "))
     if len(rest) > 1:
         _fail(f"unexpected argument {rest[1]!r}; flags are written --name=value")
-    _quiet_optuna()
+    quiet_optuna()
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     try:
         if not FLAGS.study_config:
