@@ -15,6 +15,8 @@ import sys
 
 import yaml
 
+from tests.conftest import assert_user_error as assert_one_error_line  # noqa: F401 (re-exported)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 FAKE_TRAINER = r'''
@@ -99,13 +101,3 @@ def run_log(path):
         return []
     with open(path) as f:
         return [int(line.split()[0]) for line in f if line.strip()]
-
-
-def assert_one_error_line(result, *fragments):
-    assert result.returncode != 0, result.stdout
-    assert "Traceback" not in result.stderr, result.stderr
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1, result.stderr
-    for fragment in fragments:
-        assert fragment in errors[0], errors[0]
-    return errors[0]
