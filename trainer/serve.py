@@ -224,9 +224,20 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.close_connection = True
             raise BadRequest("a Content-Length header is required", 411)
         if int(length) > self.server.max_body_bytes:
-            self.close_connection = True  # the body stays unread
+            self._discard(int(length))
             raise BadRequest(f"body of {length} bytes exceeds --max_body_bytes={self.server.max_body_bytes}", 413)
         return self.rfile.read(int(length))
+
+    def _discard(self, length):
+        """Reads an oversized body away in chunks, so the client sees the 413 and not a reset connection."""
+        if length > 100 * self.server.max_body_bytes:
+            self.close_connection = True
+            return
+        while length > 0:
+            chunk = self.rfile.read(min(length, 1 << 16))
+            if not chunk:
+                break
+            length -= len(chunk)
 
     def _predict(self):
         body = self._read_body()
