@@ -158,10 +158,10 @@ def test_finished_or_foreign_output_is_kept_unless_overwrite(job, model_dir, cli
     out.write_text(finished)
     with pytest.raises(predict.UserError, match="already complete.*--overwrite"):
         predict.run_worker(model_dir, job["list"], str(out), "text", 1, 0, False, 4, 4, 10.0)
-    with pytest.raises(predict.UserError, match="not this job's output.*--overwrite"):
+    with pytest.raises(predict.UserError, match="line 1 is not this job.*--overwrite"):
         predict.run_worker(model_dir, job["list"], str(out), "jsonl", 1, 0, False, 4, 4, 10.0)
     out.write_text("someone else's notes\n")
-    with pytest.raises(predict.UserError, match="line 1 is not this job's output"):
+    with pytest.raises(predict.UserError, match="line 1 is not this job"):
         predict.run_worker(model_dir, job["list"], str(out), "text", 1, 0, False, 4, 4, 10.0)
     assert out.read_text() == "someone else's notes\n"
     predict.run_worker(model_dir, job["list"], str(out), "jsonl", 1, 0, True, 4, 4, 10.0)
@@ -217,3 +217,13 @@ def test_bad_flags_exit_with_one_error_line(tmp_path, args, fragment):
 def test_a_folder_without_a_saved_model_is_a_user_error(job, tmp_path):
     with pytest.raises(predict.UserError, match=f"--model_dir={tmp_path} holds no saved_model.pb"):
         predict.run_worker(str(tmp_path), job["list"], str(tmp_path / "o.txt"), "text", 1, 0, False, 4, 4, 10.0)
+
+
+def test_more_workers_than_images_leaves_empty_parts_that_merge(job, model_dir, tmp_path):
+    (tmp_path / "one.txt").write_text(job["locations"][0] if os.path.isabs(job["locations"][0]) else "x.jpg")
+    out = str(tmp_path / "out.txt")
+    for index in range(2):
+        predict.run_worker(model_dir, str(tmp_path / "one.txt"), out, "jsonl", 2, index, False, 4, 4, 10.0)
+    predict.merge(str(tmp_path / "one.txt"), out, "jsonl", 2, False)
+    assert open(f"{out}-00000-of-00002").read() == ""
+    assert len(read_output(out, "jsonl")) == 1

@@ -36,7 +36,8 @@ def server(model_dir):
     args = [sys.executable, "-m", "trainer.serve", f"--model_dir={model_dir}", "--host=127.0.0.1", "--port=0",
             "--model_name=tiny", f"--max_body_bytes={MAX_BODY}", "--max_batch_size=4", "--batch_timeout_ms=20"]
     process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
-                               env=dict(os.environ, PYTHONPATH=ROOT))
+                               env=dict(os.environ, PYTHONPATH=ROOT, AIP_HTTP_PORT="1",
+                                        AIP_PREDICT_ROUTE="/vertex/predict", AIP_HEALTH_ROUTE="/vertex/health"))
     banner = process.stdout.readline()  # printed once the socket is listening
     if "serving tiny" not in banner:
         process.kill()
@@ -118,6 +119,12 @@ def test_columnar_inputs_and_the_uint8_image_signature(server, reference):
     assert status == 200, body
     want = reference["serving_images"](images=tf.constant(pixels))["probabilities"].numpy()
     np.testing.assert_allclose([row["probabilities"] for row in body["predictions"]], want, atol=1e-5)
+
+
+def test_vertex_ai_routes_answer_like_the_tf_serving_ones(server):
+    assert request(server, "GET", "/vertex/health") == request(server, "GET", "/v1/models/tiny")
+    picture = {"instances": [b64(images(1)[0])]}
+    assert request(server, "POST", "/vertex/predict", picture) == request(server, "POST", "/v1/models/tiny:predict", picture)
 
 
 BAD_REQUESTS = [

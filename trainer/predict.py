@@ -17,6 +17,7 @@ block of the list into `OUTPUT-0000i-of-0000N`; the same command with
 
 import json
 import os
+import shutil
 import sys
 import urllib.request
 
@@ -35,7 +36,7 @@ flags.DEFINE_integer("worker_index", None, "This process's share, in [0, num_wor
 flags.DEFINE_boolean("merge", False, "Concatenate the finished part files of all workers into --output_path.", flag_values=FLAGS)
 flags.DEFINE_boolean("overwrite", False, "Replace an existing output instead of resuming it.", flag_values=FLAGS)
 flags.DEFINE_float("url_timeout_s", 30.0, "Seconds to wait for an http(s) image.", flag_values=FLAGS)
-flags.DEFINE_integer("url_threads", 16, "Images read at once (http(s) fetches and file reads).", flag_values=FLAGS)
+flags.DEFINE_integer("read_threads", 16, "Images read at once (http(s) fetches and file reads).", flag_values=FLAGS)
 
 
 class UserError(Exception):
@@ -90,42 +91,52 @@ def format_line(location, record, output_format):
     return f"{location}, {json.dumps(record)}\n"
 
 
-def _parse_line(line, location, output_format):
-    """The record of an output line written for `location`, or None if the line is not one."""
-    try:
-        if output_format == "jsonl":
-            record = json.loads(line)
-            return record if record.pop("location", None) == location else None
-        prefix = f"{location}, "
-        return json.loads(line[len(prefix):]) if line.startswith(prefix) else None
-    except ValueError:
-        return None
+def _line_prefix(location, output_format):
+    """How format_line begins a line for `location` (a resumed output is checked against it)."""
+    if output_format == "jsonl":
+        return '{"location": ' + json.dumps(location) + ", "
+    return f"{location}, {{"
 
 
 def scan_output(path, locations, output_format):
-    """(lines done, failures among them) of an earlier run's output; drops a torn last line.
+    """(lines done, failures among them) of an earlier run's output; cuts off a torn last line.
 
-    Raises UserError for an output this job would not have written.
+    Streams the file: outputs of large models run to tens of KB a line. Raises
+    UserError for an output this job would not have written.
     """
     import tensorflow as tf
 
     if not tf.io.gfile.exists(path):
         return 0, 0
-    with tf.io.gfile.GFile(path) as f:
-        text = f.read()
-    lines = text.splitlines(keepends=True)
-    if lines and not lines[-1].endswith("\n"):
-        lines.pop()  # killed mid-write: redo that image
-        with tf.io.gfile.GFile(path, "w") as f:
-            f.write("".join(lines))
-    failures = 0
-    for i, line in enumerate(lines):
-        record = _parse_line(line, locations[i], output_format) if i < len(locations) else None
-        if record is None:
-            raise UserError(f"{path} line {i + 1} is not this job's output for {'this location' if i < len(locations) else 'any location'}"
-                            f" (another list or --output_format?); pass --overwrite to replace it")
-        failures += "error" in record
-    return len(lines), failures
+    done, failures, good_bytes = 0, 0, 0
+    with tf.io.gfile.GFile(path, "rb") as f:
+        for raw in f:
+            if not raw.endswith(b"\n"):  # killed mid-write: that image is predicted again
+                _truncate(path, good_bytes)
+                break
+            line = raw.decode("utf-8", "replace")
+            prefix = _line_prefix(locations[done], output_format) if done < len(locations) else None
+            if prefix is None or not line.startswith(prefix):
+                raise UserError(f"{path} line {done + 1} is not this job's output (another list or --output_format?);"
+                                " pass --overwrite to replace it")
+            failures += line[len(prefix):].startswith('"error"')
+            done, good_bytes = done + 1, good_bytes + len(raw)
+    return done, failures
+
+
+def _truncate(path, size):
+    import tensorflow as tf
+
+    if "://" not in path:
+        os.truncate(path, size)
+        return
+    tmp = f"{path}.resume-{os.getpid()}"  # object stores cannot truncate: copy the good prefix
+    with tf.io.gfile.GFile(path, "rb") as f, tf.io.gfile.GFile(tmp, "wb") as out:
+        while size > 0:
+            chunk = f.read(min(size, 1 << 24))
+            out.write(chunk)
+            size -= len(chunk)
+    tf.io.gfile.rename(tmp, path, overwrite=True)
 
 
 def _fetcher(timeout_s, url_errors):
@@ -147,7 +158,8 @@ def image_batches(paths, image_size, batch_size, read_threads, fetch):
     from trainer import images
 
     is_url = [p.startswith(("http://", "https://")) for p in paths]
-    ds = tf.data.Dataset.from_tensor_slices((tf.range(len(paths), dtype=tf.int64), tf.constant(paths, tf.string), is_url))
+    ds = tf.data.Dataset.from_tensor_slices(
+        (tf.range(len(paths), dtype=tf.int64), tf.constant(paths, tf.string), tf.constant(is_url, tf.bool)))
 
     def read(index, path, url):
         data = tf.cond(url, lambda: tf.py_function(fetch, [path], tf.string), lambda: tf.io.read_file(path))
@@ -247,10 +259,10 @@ def merge(input_path, output_path, output_format, num_workers, overwrite):
         parts.append(path)
         failures += failed
     tmp = f"{output_path}.merging-{os.getpid()}"
-    with tf.io.gfile.GFile(tmp, "w") as out:
+    with tf.io.gfile.GFile(tmp, "wb") as out:
         for path in parts:
-            with tf.io.gfile.GFile(path) as f:
-                out.write(f.read())
+            with tf.io.gfile.GFile(path, "rb") as f:
+                shutil.copyfileobj(f, out, 1 << 24)
     tf.io.gfile.rename(tmp, output_path, overwrite=True)
     print(f"{len(all_locations)} images, {failures} failed: merged {num_workers} parts into {output_path}", flush=True)
 
@@ -277,7 +289,7 @@ def _check(values):
             raise UserError(f"--{name} is required")
     if values["output_format"].value not in ("text", "jsonl"):
         raise UserError(f"--output_format={values['output_format'].value} is not one of: text, jsonl")
-    for name in ("batch_size", "url_threads"):
+    for name in ("batch_size", "read_threads"):
         if values[name].value < 1:
             raise UserError(f"--{name}={values[name].value} must be at least 1")
     if values["url_timeout_s"].value <= 0:
@@ -306,7 +318,7 @@ def main(argv=None):
             merge(v.input_path, v.output_path, v.output_format, num_workers, v.overwrite)
         else:
             run_worker(v.model_dir, v.input_path, v.output_path, v.output_format, num_workers, index, v.overwrite,
-                       v.batch_size, v.url_threads, v.url_timeout_s)
+                       v.batch_size, v.read_threads, v.url_timeout_s)
     except UserError as e:
         _fail(str(e))
     except KeyboardInterrupt:

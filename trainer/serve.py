@@ -7,6 +7,8 @@ Serving or Vertex AI works unchanged:
        {"inputs": [{"b64": "..."}, ...]}     -> {"outputs": {output: [value, ...]}}
        "signature_name": "serving_images" takes uint8 [H, W, 3] nested lists instead.
   GET  /v1/models/<name>[/versions/1]       -> the model status
+and, in a Vertex AI custom container, the same at $AIP_PREDICT_ROUTE and
+$AIP_HEALTH_ROUTE on $AIP_HTTP_PORT.
 Owns the HTTP handling (standard library only) and the batching queue: encoded
 images of concurrent requests arriving within --batch_timeout_ms are run as
 one call of the serving_default signature, at most --max_batch_size images.
@@ -18,6 +20,7 @@ import binascii
 import http.server
 import json
 import queue
+import os
 import re
 import signal
 import sys
@@ -31,7 +34,7 @@ from trainer import inference
 
 FLAGS = flags.FlagValues()
 flags.DEFINE_string("model_dir", None, "Exported SavedModel (the model/ folder of a job-dir), local or gs://.", flag_values=FLAGS)
-flags.DEFINE_integer("port", 8501, "TCP port (TF Serving's REST port); 0 picks a free one and prints it.", flag_values=FLAGS)
+flags.DEFINE_integer("port", 8501, "TCP port (default: $AIP_HTTP_PORT, else TF Serving's 8501); 0 picks a free one.", flag_values=FLAGS)
 flags.DEFINE_string("host", "0.0.0.0", "Address to listen on.", flag_values=FLAGS)
 flags.DEFINE_string("model_name", "model", "The <name> in /v1/models/<name>.", flag_values=FLAGS)
 flags.DEFINE_integer("max_body_bytes", 10 * 1024 * 1024, "Larger request bodies get 413.", flag_values=FLAGS)
@@ -190,7 +193,12 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.wfile.write(body)
 
     def _route(self, want_verb):
-        match = _PATH.match(self.path.split("?")[0])
+        path = self.path.split("?")[0]
+        if path in self.server.vertex_routes:  # a Vertex AI custom container's predict and health routes
+            if self.server.vertex_routes[path] != want_verb:
+                raise BadRequest(f"{self.command} {path} is not supported", 405)
+            return
+        match = _PATH.match(path)
         if not match:
             raise BadRequest(f"no route {self.path}; use /v1/models/{self.server.model_name}[:predict]", 404)
         name, version, verb = match.group("name", "version", "verb")
@@ -264,6 +272,9 @@ def make_server(model, host, port, model_name, max_body_bytes, max_batch_size, b
     server = http.server.ThreadingHTTPServer((host, port), Handler)
     server.daemon_threads = True
     server.model, server.model_name, server.max_body_bytes = model, model_name, max_body_bytes
+    # Vertex AI tells a custom container where its predict and health requests arrive.
+    routes = {os.environ.get("AIP_PREDICT_ROUTE"): ":predict", os.environ.get("AIP_HEALTH_ROUTE"): None}
+    server.vertex_routes = {path: verb for path, verb in routes.items() if path}
     server.batcher = Batcher(model.serve_bytes, max_batch_size, batch_timeout_ms / 1000)
     return server
 
@@ -296,15 +307,18 @@ def main(argv=None):
     if len(rest) > 1:
         _fail(f"unexpected argument {rest[1]!r}; flags are written --name=value")
     _check(FLAGS)
+    port = FLAGS.port
+    if not FLAGS["port"].present and os.environ.get("AIP_HTTP_PORT", "").isdigit():
+        port = int(os.environ["AIP_HTTP_PORT"])
     inference.import_tensorflow_quietly()
     try:
         model = inference.load(FLAGS.model_dir)
-        server = make_server(model, FLAGS.host, FLAGS.port, FLAGS.model_name, FLAGS.max_body_bytes,
+        server = make_server(model, FLAGS.host, port, FLAGS.model_name, FLAGS.max_body_bytes,
                              FLAGS.max_batch_size, FLAGS.batch_timeout_ms)
     except inference.ModelError as e:
         _fail(str(e))
     except OSError as e:
-        _fail(f"--port={FLAGS.port} on --host={FLAGS.host}: {e.strerror or e}")
+        _fail(f"--port={port} on --host={FLAGS.host}: {e.strerror or e}")
     host, port = server.server_address[:2]
     print(f"serving {FLAGS.model_name} ({model.task}, {len(model.class_names)} classes) at "
           f"http://{host}:{port}/v1/models/{FLAGS.model_name}", flush=True)
