@@ -1,0 +1,274 @@
+"""Training throughput of the trainer's own step on one accelerator (issue 5).
+
+Drives exactly what trainer/train.py runs (models.build_model, make_optimizer,
+compile_classifier, then keras `fit`) on synthetic uint8 images, and prints
+img/s after warm-up, step time, peak device memory and the share of the
+compute ceiling. Runs with KERAS_BACKEND=jax, TensorFlow not needed:
+
+    KERAS_BACKEND=jax python bench/gpu_throughput.py --model_type resnet-50 \
+        --batch_size 256 --precision mixed_bfloat16 --inference
+
+--input device: the batch is generated on the device once and `fit` reads it
+  from a generator (no host->device copy: the same setting as the timm anchor).
+--input host: the batch lives in host memory and `fit` copies it every step
+  (its own one-batch-ahead prefetch), as it does with a tf.data dataset.
+--profile DIR: traces a few steps with the JAX profiler and prints where the
+  device time goes (per kernel class and the largest kernels).
+--digits FILE: instead of timing, trains on the digits sample (an .npz of
+  8x8 images and labels) and prints the loss curve: a correctness check.
+"""
+
+import argparse
+import gzip
+import glob
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import keras  # noqa: E402
+
+from trainer import models  # noqa: E402
+
+NUM_CLASSES = 1000
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model_type", default="resnet-50", choices=sorted(models.BACKBONES))
+    p.add_argument("--batch_size", type=int, default=256)
+    p.add_argument("--image_size", type=int, default=224)
+    p.add_argument("--precision", default="mixed_bfloat16", choices=("float32", "mixed_bfloat16", "mixed_float16"))
+    p.add_argument("--steps", type=int, default=30, help="timed steps (after the warm-up epoch)")
+    p.add_argument("--warmup_steps", type=int, default=5, help="steps of the first, untimed epoch")
+    p.add_argument("--steps_per_execution", type=int, default=1)
+    p.add_argument("--bn_moments", default="auto", choices=("auto", "keras", "one_pass"),
+                   help="keras: Keras' two-pass variance; auto: what build_model does by default")
+    p.add_argument("--input", default="device", choices=("device", "host"))
+    p.add_argument("--inference", action="store_true", help="also time the forward pass (training=False)")
+    p.add_argument("--profile", default="", help="folder for a JAX profiler trace of 3 steps")
+    p.add_argument("--peak_tflops", type=float, default=790.0, help="bf16 dense peak used as the ceiling (H100: ~790 measured)")
+    p.add_argument("--digits", default="", help=".npz with 8x8 digits: run the loss-curve check instead")
+    p.add_argument("--json", default="", help="append the result as one JSON line to this file")
+    return p.parse_args(argv)
+
+
+def synthetic_batch(batch_size, image_size, on_device, seed=0):
+    """Random uint8 images and one-hot labels (never zeros: they can run faster than real data)."""
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 256, (batch_size, image_size, image_size, 3), dtype=np.uint8)
+    labels = np.eye(NUM_CLASSES, dtype="float32")[rng.integers(0, NUM_CLASSES, batch_size)]
+    if on_device:
+        import jax
+
+        images, labels = jax.device_put(images), jax.device_put(labels)
+    return images, labels
+
+
+def repeat(batch):
+    while True:
+        yield batch
+
+
+def build(model_type, image_size, precision, steps_per_execution, num_classes=NUM_CLASSES, learning_rate=0.1, bn_moments="auto"):
+    keras.mixed_precision.set_dtype_policy(precision)
+    one_pass = {"auto": None, "keras": False, "one_pass": True}[bn_moments]
+    model = models.build_model(model_type, num_classes, image_size, weight_decay=1e-4, seed=0, one_pass_moments=one_pass)
+    optimizer = models.make_optimizer("momentum", learning_rate)
+    models.compile_classifier(model, optimizer, num_classes, label_smoothing=0.1, steps_per_execution=steps_per_execution)
+    return model
+
+
+class EpochTimer(keras.callbacks.Callback):
+    """Wall time of each epoch; Keras syncs the device state at every epoch end."""
+
+    def __init__(self):
+        super().__init__()
+        self.starts, self.ends = [], []
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.starts.append(time.perf_counter())
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.ends.append(time.perf_counter())
+        self.loss = logs.get("loss")
+
+
+def train_flops_per_image(model):
+    """Training FLOPs per image of the convolutions and dense layers: 3 x forward.
+
+    Forward = 2 x multiply-adds; backward = 2 x forward (data and weight
+    gradients). Counted from layer shapes, so it needs no device.
+    """
+    macs = 0
+    for layer in models._all_layers(model):
+        if not isinstance(layer, (keras.layers.Conv2D, keras.layers.DepthwiseConv2D, keras.layers.Dense)):
+            continue
+        outputs = int(np.prod(layer.output.shape[1:]))
+        if isinstance(layer, keras.layers.DepthwiseConv2D):
+            macs += outputs * int(np.prod(layer.kernel_size))
+        elif isinstance(layer, keras.layers.Conv2D):
+            macs += outputs * int(np.prod(layer.kernel_size)) * layer.input.shape[-1] // layer.groups
+        else:
+            macs += outputs * layer.input.shape[-1]
+    return 3.0 * 2.0 * macs
+
+
+def inference_images_per_second(model, batch, steps=20):
+    import jax
+
+    forward = jax.jit(lambda tv, ntv, x: model.stateless_call(tv, ntv, x, training=False)[0])
+    tv = [v.value for v in model.trainable_variables]
+    ntv = [v.value for v in model.non_trainable_variables]
+    for _ in range(3):
+        forward(tv, ntv, batch).block_until_ready()
+    start = time.perf_counter()
+    for _ in range(steps):
+        out = forward(tv, ntv, batch)
+    out.block_until_ready()
+    return batch.shape[0] * steps / (time.perf_counter() - start)
+
+
+def peak_memory_gib():
+    import jax
+
+    stats = jax.devices()[0].memory_stats() or {}
+    return stats.get("peak_bytes_in_use", 0) / 2**30
+
+
+def measure(a):
+    import jax
+
+    model = build(a.model_type, a.image_size, a.precision, a.steps_per_execution, bn_moments=a.bn_moments)
+    batch = synthetic_batch(a.batch_size, a.image_size, on_device=a.input == "device")
+    spe = a.steps_per_execution
+    per_epoch = max(spe, a.warmup_steps // spe * spe)
+    epochs = 1 + max(1, a.steps // per_epoch)
+    timer = EpochTimer()
+    compile_start = time.perf_counter()
+    model.fit(repeat(batch), steps_per_epoch=per_epoch, epochs=epochs, verbose=0, callbacks=[timer])
+    first_epoch = timer.ends[0] - compile_start
+    timed = sum(e - s for s, e in zip(timer.starts[1:], timer.ends[1:]))
+    steps = per_epoch * (epochs - 1)
+    result = {
+        "model_type": a.model_type, "batch_size": a.batch_size, "precision": a.precision,
+        "input": a.input, "steps_per_execution": spe, "bn_moments": a.bn_moments, "device": jax.devices()[0].device_kind,
+        "img_per_s": a.batch_size * steps / timed, "step_ms": 1e3 * timed / steps,
+        "first_epoch_s": first_epoch, "peak_mem_gib": peak_memory_gib(), "last_loss": float(timer.loss),
+    }
+    print(json.dumps(result), flush=True)  # the headline figure first, whatever fails below
+    try:
+        flops = train_flops_per_image(model)
+        result["train_gflop_per_img"] = flops / 1e9
+        result["ceiling_share"] = result["img_per_s"] * flops / (a.peak_tflops * 1e12)
+    except Exception as e:  # noqa: BLE001 - a bench reports what it could measure
+        print("flop count failed:", repr(e)[:300])
+    if a.inference:
+        device_batch = batch[0] if a.input == "device" else jax.device_put(batch[0])
+        result["inference_img_per_s"] = inference_images_per_second(model, device_batch)
+    if a.profile:
+        try:
+            profile(model, batch, a.profile)
+        except Exception as e:  # noqa: BLE001
+            print("profile failed:", repr(e)[:300])
+    return result
+
+
+def profile(model, batch, folder, steps=3):
+    """Traces `steps` more fit steps and prints device time per kernel class."""
+    import jax
+
+    with jax.profiler.trace(folder, create_perfetto_trace=True):
+        model.fit(repeat(batch), steps_per_epoch=steps, epochs=1, verbose=0)
+    paths = glob.glob(os.path.join(folder, "**", "perfetto_trace.json.gz"), recursive=True)
+    if paths:
+        summarize_trace(max(paths, key=os.path.getmtime), steps)
+
+
+def kernel_class(name):
+    lowered = name.lower()
+    if any(k in lowered for k in ("xmma", "cutlass", "cudnn", "conv", "gemm", "cublas", "sm90_", "sm80_", "implicit")):
+        if "wgrad" in lowered or "bwd_filter" in lowered or "backward_filter" in lowered:
+            return "conv weight-gradient"
+        if "dgrad" in lowered or "bwd_data" in lowered:
+            return "conv data-gradient"
+        return "conv/matmul (library)"
+    if "memcpy" in lowered or "memset" in lowered:
+        return "memcpy/memset"
+    if "reduce" in lowered:
+        return "XLA reduction fusions"
+    if "fusion" in lowered or "loop" in lowered or "transpose" in lowered:
+        return "XLA elementwise fusions"
+    return "other"
+
+
+def summarize_trace(path, steps):
+    with gzip.open(path, "rt") as f:
+        trace = json.load(f)
+    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    process, thread = {}, {}
+    for e in events:
+        if e.get("ph") == "M" and e.get("name") == "process_name":
+            process[e["pid"]] = e["args"]["name"]
+        if e.get("ph") == "M" and e.get("name") == "thread_name":
+            thread[(e["pid"], e["tid"])] = e["args"]["name"]
+    gpu = [e for e in events if e.get("ph") == "X" and "GPU" in process.get(e.get("pid"), "")]
+    names = {thread.get((e["pid"], e["tid"]), "") for e in gpu}
+    print("profile: GPU lines", sorted(names))
+    # Derived lines (XLA Ops, XLA Modules, Steps) repeat the kernels' time.
+    streams = {n for n in names if n.startswith("Stream")} or {n for n in names if "XLA" not in n and "Step" not in n}
+    per_kernel = {}
+    for e in gpu:
+        if thread.get((e["pid"], e["tid"]), "") in streams:
+            per_kernel[e["name"]] = per_kernel.get(e["name"], 0.0) + float(e.get("dur", 0))
+    total = sum(per_kernel.values())
+    if not total:
+        print("profile: no GPU kernel events found in", path, "threads:", sorted(set(thread.values()))[:20])
+        return
+    classes = {}
+    for name, us in per_kernel.items():
+        classes[kernel_class(name)] = classes.get(kernel_class(name), 0.0) + us
+    print(f"profile: {total / steps / 1e3:.1f} ms of kernels per step")
+    for name, us in sorted(classes.items(), key=lambda kv: -kv[1]):
+        print(f"  {name:28s} {us / steps / 1e3:7.2f} ms/step  {100 * us / total:5.1f}%")
+    for name, us in sorted(per_kernel.items(), key=lambda kv: -kv[1])[:25]:
+        print(f"    {us / steps / 1e3:6.2f} ms  {name[:110]}")
+
+
+def digits_check(a):
+    """Loss curve of the trainer's step on the digits sample, 8x8 scaled up to 32x32."""
+    data = np.load(a.digits)
+    images = (data["images"].astype("float32") * (255 / 16)).astype(np.uint8)  # sklearn digits are 0..16
+    images = np.repeat(np.repeat(images, 4, axis=1), 4, axis=2)[..., None].repeat(3, axis=-1)
+    labels = np.eye(10, dtype="float32")[data["labels"]]
+    model = build(a.model_type, 32, a.precision, 1, num_classes=10, learning_rate=0.05, bn_moments=a.bn_moments)
+    history = model.fit(images, labels, batch_size=64, epochs=5, steps_per_epoch=10, verbose=0, shuffle=True)
+    losses = [round(v, 4) for v in history.history["loss"]]
+    accuracy = float(np.mean(np.argmax(model.predict(images, batch_size=256, verbose=0), -1) == data["labels"]))
+    print(f"digits {a.model_type} {a.precision} {keras.backend.backend()}: mean loss of steps 1-10, 11-20, ... 41-50: "
+          f"{losses}; training-set accuracy after 50 steps {accuracy:.3f}")
+    return {"digits_loss": losses, "digits_accuracy": accuracy}
+
+
+def main(argv=None):
+    a = parse_args(argv)
+    result = digits_check(a) if a.digits else measure(a)
+    if a.json:
+        with open(a.json, "a") as f:
+            f.write(json.dumps(result) + "\n")
+    if a.digits:
+        return
+    print("| model | batch | precision | input | spe | img/s | step ms | peak GiB | GFLOP/img | ceiling | infer img/s |")
+    print(f"| {result['model_type']} {result['bn_moments']} | {result['batch_size']} | {result['precision']} | {result['input']} "
+          f"| {result['steps_per_execution']} | {result['img_per_s']:.0f} | {result['step_ms']:.1f} "
+          f"| {result['peak_mem_gib']:.1f} | {result.get('train_gflop_per_img', float('nan')):.2f} "
+          f"| {100 * result.get('ceiling_share', float('nan')):.1f}% "
+          f"| {result.get('inference_img_per_s', float('nan')):.0f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
