@@ -4,6 +4,7 @@ import functools
 import http.server
 import json
 import os
+import re
 import threading
 
 import numpy as np
@@ -173,10 +174,18 @@ def test_finished_or_foreign_output_is_kept_unless_overwrite(job, model_dir, cli
     ({"TF_CONFIG": '{"cluster": {"chief": ["a"], "worker": ["b", "c"]}, "task": {"type": "worker", "index": 1}}'}, (3, 2)),
     ({"TF_CONFIG": '{"cluster": {"chief": ["a"], "worker": ["b"]}, "task": {"type": "chief", "index": 0}}'}, (2, 0)),
     ({"CLUSTER_SPEC": '{"cluster": {"workerpool0": ["a"], "workerpool1": ["b", "c"]}, "task": {"type": "workerpool1", "index": 0}}'}, (3, 1)),
-    ({"TF_CONFIG": '{"cluster": {"ps": ["p"], "worker": ["b"]}, "task": {"type": "ps", "index": 0}}'}, (1, 0)),
 ])
 def test_worker_index_comes_from_the_cluster_environment(environ, expected):
     assert predict.cluster_from_env(environ) == expected
+
+
+@pytest.mark.parametrize("environ, fragment", [
+    ({"TF_CONFIG": '{"cluster": {"ps": ["p"], "worker": ["b"]}, "task": {"type": "ps", "index": 0}}'}, "a 'ps'"),
+    ({"CLUSTER_SPEC": "{not json"}, "$CLUSTER_SPEC is not a cluster spec"),
+])
+def test_a_process_outside_the_workers_is_not_given_the_whole_list(environ, fragment):
+    with pytest.raises(predict.UserError, match=re.escape(fragment)):
+        predict.cluster_from_env(environ)
 
 
 def test_contiguous_shards_cover_the_list_once():
@@ -207,6 +216,7 @@ def test_multi_label_records_list_the_predicted_classes_most_probable_first():
     (["--batch_size=0"], "--batch_size=0 must be at least 1"),
     (["--model_dir="], "--model_dir is required"),
     (["--bogus=1"], "bogus"),
+    (["--merge"], "--merge needs --num_workers > 1"),
 ])
 def test_bad_flags_exit_with_one_error_line(tmp_path, args, fragment):
     (tmp_path / "list.txt").write_text("a.jpg\n")

@@ -60,8 +60,9 @@ def load(model_dir):
         raise ModelError(f"--model_dir={model_dir} lacks the signatures {sorted(missing)}; export it with trainer.export")
     serve_images = loaded.signatures["serving_images"]
     num_classes = int(serve_images.structured_outputs["probabilities"].shape[-1])
-    if "metadata" in loaded.signatures:
-        meta = {k: v.numpy() for k, v in loaded.signatures["metadata"]().items()}
+    metadata = loaded.signatures.get("metadata") or getattr(loaded, "metadata", None)  # a signature, or a tf.function
+    if callable(metadata):
+        meta = {k: v.numpy() for k, v in metadata().items()}
         names = tuple(n.decode("utf-8") for n in meta["class_names"])
         task, size = meta["task"].decode("utf-8"), int(meta["image_size"])
     else:

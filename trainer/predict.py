@@ -68,7 +68,8 @@ def cluster_from_env(environ):
             cluster, task = spec.get("cluster", {}), spec.get("task", {})
             role = task.get("type")
             if role not in roles:
-                continue
+                raise UserError(f"${var} makes this process a {role!r}; trainer.predict runs on {' and '.join(roles)}"
+                                " replicas, or give --num_workers and --worker_index")
             before = sum(len(cluster.get(r, [])) for r in roles[: roles.index(role)])
             return sum(len(cluster.get(r, [])) for r in roles), before + int(task.get("index", 0))
         except (ValueError, AttributeError, TypeError) as e:
@@ -271,7 +272,15 @@ def _workers(values, environ):
     if values["num_workers"].value is None:
         if values["worker_index"].value is not None:
             raise UserError("--worker_index needs --num_workers")
-        return cluster_from_env(environ)
+        num, index = cluster_from_env(environ)
+    else:
+        num, index = _workers_from_flags(values)
+    if values["merge"].value and num == 1:
+        raise UserError("--merge needs --num_workers > 1 (the number of part files)")
+    return num, index
+
+
+def _workers_from_flags(values):
     num, index = values["num_workers"].value, values["worker_index"].value
     if num < 1:
         raise UserError(f"--num_workers={num} must be at least 1")
