@@ -272,7 +272,10 @@ def training_dataset(source, scan_result, fmt, batch_size, image_size, num_class
         return image, _target(label, num_classes, fmt.multi_label)
 
     ds = ds.map(prepare, num_parallel_calls=AUTOTUNE, deterministic=True)
-    return ds.batch(batch_size, drop_remainder=True).prefetch(AUTOTUNE)
+    options = tf.data.Options()
+    # Under several workers each reads the whole (deterministic) stream and keeps its share of every batch.
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    return ds.batch(batch_size, drop_remainder=True).prefetch(AUTOTUNE).with_options(options)
 
 
 def eval_dataset(source, scan_result, fmt, batch_size, image_size, num_classes, num_images=0):

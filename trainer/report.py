@@ -47,9 +47,12 @@ class TensorBoard:
     """Scalars under logs/train and logs/validation; a no-op without TensorFlow."""
 
     def __init__(self, log_dir):
+        """log_dir None: write nothing (a worker that is not the chief)."""
         try:
             import tensorflow as tf
         except ImportError:
+            log_dir = None
+        if log_dir is None:
             self._writers = None
             return
         self._tf = tf

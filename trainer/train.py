@@ -12,12 +12,13 @@ import io
 import json
 import math
 import os
+import tempfile
 import time
 
 import keras
 import numpy as np
 
-from trainer import data, export, metrics, models, report, schedules
+from trainer import data, distribute, export, metrics, models, report, schedules
 from trainer.config import UserError
 
 def job_paths(job_dir):
@@ -45,7 +46,10 @@ def _prepare_output(paths):
 def run(c, job_dir):
     """Trains, evaluates and exports; returns the best value of c.metric."""
     paths = job_paths(job_dir)
-    _prepare_output(paths)
+    cluster = distribute.cluster_from_env()
+    scope = distribute.setup(c.backend, cluster)  # before any TensorFlow op: collectives configure at start-up
+    if cluster.is_chief:
+        _prepare_output(paths)
     keras.utils.set_random_seed(c.seed)
     keras.mixed_precision.set_dtype_policy(c.precision)
 
@@ -58,15 +62,17 @@ def run(c, job_dir):
     eval_scan = data.scan(eval_source, c.num_classes, fmt, c.max_corrupt_fraction)
     report.say(f"{len(train_scan.keys)} training images, {len(eval_scan.keys)} validation images, "
                f"{len(train_scan.corrupt) + len(eval_scan.corrupt)} unreadable skipped")
-    report.write_json(os.path.join(job_dir, "config.json"), {**c.to_dict(), "job_dir": job_dir})
-    report.write_atomic(os.path.join(job_dir, "labels.txt"), "".join(f"{name}\n" for name in class_names))
+    if cluster.is_chief:
+        report.write_json(os.path.join(job_dir, "config.json"), {**c.to_dict(), "job_dir": job_dir})
+        report.write_atomic(os.path.join(job_dir, "labels.txt"), "".join(f"{name}\n" for name in class_names))
 
-    model = models.build_model(c.model_type, c.num_classes, c.image_size, c.weight_decay, seed=c.seed)
-    if c.pretrained_checkpoint_path:
-        models.load_pretrained(model, c.pretrained_checkpoint_path, c.model_type, c.image_size)
-    optimizer = models.make_optimizer(c.optimizer_type, schedules.from_config(c), c.optimizer_arguments)
-    models.compile_classifier(model, optimizer, c.num_classes, c.label_smoothing, c.multi_label)
-    state = Checkpoints(paths["checkpoints"]).restore(model)
+    with scope:
+        model = models.build_model(c.model_type, c.num_classes, c.image_size, c.weight_decay, seed=c.seed)
+        if c.pretrained_checkpoint_path:
+            models.load_pretrained(model, c.pretrained_checkpoint_path, c.model_type, c.image_size)
+        optimizer = models.make_optimizer(c.optimizer_type, schedules.from_config(c), c.optimizer_arguments)
+        models.compile_classifier(model, optimizer, c.num_classes, c.label_smoothing, c.multi_label)
+        state = Checkpoints(paths["checkpoints"]).restore(model)
     start_step = state.get("step", 0)
     if start_step:
         report.say(f"resuming from the checkpoint at step {start_step}")
@@ -80,7 +86,10 @@ def run(c, job_dir):
         evaluate_model, dataset=eval_ds, multi_label=c.multi_label, threshold=c.multi_label_threshold,
         class_names=class_names if c.eval_each_category else None,
     )
-    history = Evaluations(evaluate, c.metric, paths, job_dir, state, {
+    # Saving weights is a collective step on several JAX hosts: every process
+    # saves, but only the chief's files land in the job-dir.
+    out_dir = job_dir if cluster.is_chief else tempfile.mkdtemp(prefix=f"worker{cluster.index}-")
+    history = Evaluations(evaluate, c.metric, job_paths(out_dir) if out_dir != job_dir else paths, out_dir, state, cluster.is_chief, {
         "task": c.task, "training_images": len(train_scan.keys), "evaluation_images": num_eval,
         "corrupt_images": {"training": len(train_scan.corrupt), "validation": len(eval_scan.corrupt),
                            "examples": list((train_scan.corrupt + eval_scan.corrupt)[:20])},
@@ -98,6 +107,9 @@ def run(c, job_dir):
     best = history.best
     if best is None:
         raise UserError("no evaluation ran; check --max_steps and --eval_frequency")
+    if not cluster.is_chief:
+        report.say(f"worker {cluster.index} done; the chief exports")
+        return best[c.metric]
     report.say(f"exporting the best evaluation (step {best['step']}) to {paths['model']}")
     export.export_saved_model(history.best_weights, c.model_type, c.num_classes, c.image_size, class_names,
                               paths["model"], thresholds=best.get("thresholds"))
@@ -164,13 +176,15 @@ class Checkpoints:
 class Evaluations(keras.callbacks.Callback):
     """After each evaluation: metrics.json, hypertune line, TensorBoard, checkpoint, best weights."""
 
-    def __init__(self, evaluate, metric, paths, job_dir, state, summary):
+    def __init__(self, evaluate, metric, paths, job_dir, state, is_chief, summary):
+        """is_chief False: paths and job_dir are a scratch folder, and nothing is reported."""
         super().__init__()
-        self.evaluate, self.metric = evaluate, metric
+        self.evaluate, self.metric, self.is_chief = evaluate, metric, is_chief
+        report.gfile().makedirs(paths["checkpoints"])
         self.checkpoints = Checkpoints(paths["checkpoints"])
         self.best_weights = os.path.join(paths["checkpoints"], "best.weights.h5")
         self.metrics_path = os.path.join(job_dir, "metrics.json")
-        self.tensorboard = report.TensorBoard(paths["logs"])
+        self.tensorboard = report.TensorBoard(paths["logs"] if is_chief else None)
         self.evaluations = state.get("evaluations", [])
         self.best = state.get("best")
         self.summary = summary
@@ -187,6 +201,8 @@ class Evaluations(keras.callbacks.Callback):
             report.gfile().rename(tmp, self.best_weights, overwrite=True)
         self.checkpoints.save(self.model, step, {"evaluations": self.evaluations, "best": self.best})
         self._write_metrics()
+        if not self.is_chief:
+            return
         report.append_hypertune(self.metric, result[self.metric], step)
         scalars = {k: v for k, v in result.items() if isinstance(v, float)}
         for name, figures in result.get("per_category", {}).items():

@@ -1,0 +1,93 @@
+"""Data-parallel wiring on CPU: cluster specs, two worker processes, and JAX over two devices."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT, assert_user_error, run_trainer, tiny_flags, write_tfrecords
+from trainer.config import UserError
+from trainer.distribute import Cluster, cluster_from_env
+
+
+@pytest.mark.parametrize("env, expected", [
+    ({}, Cluster((), 0)),
+    ({"TF_CONFIG": json.dumps({"cluster": {"chief": ["a:1"], "worker": ["b:2", "c:3"]}, "task": {"type": "worker", "index": 1}})},
+     Cluster(("a:1", "b:2", "c:3"), 2)),
+    ({"TF_CONFIG": json.dumps({"cluster": {"worker": ["a:1", "b:2"]}, "task": {"type": "worker", "index": 0}})},
+     Cluster(("a:1", "b:2"), 0)),
+    ({"CLUSTER_SPEC": json.dumps({"cluster": {"workerpool0": ["a:1"], "workerpool1": ["b:2"]}, "task": {"type": "workerpool1", "index": 0}})},
+     Cluster(("a:1", "b:2"), 1)),
+])
+def test_cluster_from_environment(env, expected):
+    got = cluster_from_env(env)
+    assert got == expected
+    assert got.is_chief == (expected.index == 0)
+
+
+def test_malformed_cluster_spec_names_the_variable():
+    with pytest.raises(UserError, match="TF_CONFIG is not a valid cluster spec"):
+        cluster_from_env({"TF_CONFIG": "{not json"})
+
+
+def free_ports(count):
+    sockets = [socket.socket() for _ in range(count)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def start_trainer(args, env):
+    full_env = dict(os.environ, PYTHONPATH=ROOT, **env)
+    return subprocess.Popen([sys.executable, "-m", "trainer.task", *args], env=full_env, cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def cluster_env(workers, index, tmp_path):
+    tf_config = {"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}}
+    return {"TF_CONFIG": json.dumps(tf_config), "CLOUD_ML_HP_METRIC_FILE": str(tmp_path / f"hypertune-{index}")}
+
+
+def test_two_jax_processes_train_one_model_and_only_the_chief_writes(tmp_path):
+    pytest.importorskip("jax")
+    train = write_tfrecords(tmp_path / "train", per_class=8)
+    job = tmp_path / "job"
+    workers = [f"127.0.0.1:{p}" for p in free_ports(2)]
+    flags = tiny_flags(train, train, str(job), backend="jax", log_frequency=1)
+    processes = [start_trainer(flags, cluster_env(workers, index, tmp_path)) for index in range(2)]
+    outputs = [p.communicate(timeout=600) for p in processes]
+    for process, (out, err) in zip(processes, outputs):
+        assert process.returncode == 0, err[-3000:]
+        assert "data parallel over 2 devices in 2 process(es)" in out
+    losses = [[line.split("loss")[1].split()[0] for line in out.splitlines() if line.startswith("step")] for out, _ in outputs]
+    assert losses[0] == losses[1] and len(losses[0]) == 4  # one model, one global batch per step
+    assert (job / "model" / "saved_model.pb").exists()
+    assert [e["step"] for e in json.load(open(job / "metrics.json"))["evaluations"]] == [2, 4]
+    assert len(open(tmp_path / "hypertune-0").readlines()) == 2
+    assert not (tmp_path / "hypertune-1").exists()
+    assert "the chief exports" in outputs[1][0] and "eval at step" not in outputs[1][0]
+
+
+def test_several_tensorflow_workers_are_refused_with_a_pointer_to_jax(tmp_path):
+    train = write_tfrecords(tmp_path / "train", per_class=2)
+    env = cluster_env(["127.0.0.1:1", "127.0.0.1:2"], 0, tmp_path)
+    result = run_trainer(tiny_flags(train, train, str(tmp_path / "job")), env=env)
+    assert_user_error(result, "--backend=tensorflow trains on one host only", "--backend=jax")
+
+
+def test_jax_data_parallel_over_two_cpu_devices(tmp_path):
+    pytest.importorskip("jax")
+    train = write_tfrecords(tmp_path / "train", per_class=8)
+    job = tmp_path / "job"
+    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2", "CLOUD_ML_HP_METRIC_FILE": str(tmp_path / "ht")}
+    process = start_trainer(tiny_flags(train, train, str(job), backend="jax"), env)
+    out, err = process.communicate(timeout=600)
+    assert process.returncode == 0, err[-3000:]
+    assert "data parallel over 2 devices" in out
+    assert (job / "model" / "saved_model.pb").exists()
