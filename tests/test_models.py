@@ -64,3 +64,12 @@ def test_pretrained_weights_of_another_architecture_are_refused(tmp_path):
         models.load_pretrained(models.build_model("resnet-18", 3, 32), path, "resnet-18", 32)
     with pytest.raises(UserError, match="does not exist"):
         models.load_pretrained(models.build_model("resnet-18", 3, 32), str(tmp_path / "missing.weights.h5"), "resnet-18", 32)
+
+
+def test_one_pass_batch_norm_statistics_match_keras_two_pass():
+    images = np.random.default_rng(1).integers(0, 255, size=(4, 32, 32, 3), dtype=np.uint8)
+    outputs = []
+    for one_pass in (False, True):
+        model = models.build_model("resnet-18", num_classes=3, image_size=32, seed=5, one_pass_moments=one_pass)
+        outputs.append(model(images, training=True).numpy())
+    np.testing.assert_allclose(outputs[1], outputs[0], rtol=1e-4, atol=1e-4)

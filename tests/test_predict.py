@@ -237,3 +237,23 @@ def test_more_workers_than_images_leaves_empty_parts_that_merge(job, model_dir, 
     predict.merge(str(tmp_path / "one.txt"), out, "jsonl", 2, False)
     assert open(f"{out}-00000-of-00002").read() == ""
     assert len(read_output(out, "jsonl")) == 1
+
+
+def test_multi_label_export_gives_boolean_predictions_from_its_thresholds(job, tmp_path):
+    from trainer import export, models
+
+    weights = str(tmp_path / "w.weights.h5")
+    models.build_model("resnet-18", 3, 16, seed=4).save_weights(weights)
+    thresholds = [0.0, 1.0, 0.5]  # always, never, and by probability
+    export.export_saved_model(weights, "resnet-18", 3, 16, NAMES, str(tmp_path / "model"), thresholds=thresholds)
+    out = str(tmp_path / "out.jsonl")
+    result = run_cli("trainer.predict", [f"--model_dir={tmp_path / 'model'}", f"--input_path={job['list']}",
+                                         f"--output_path={out}", "--output_format=jsonl"])
+    assert result.returncode == 0, result.stderr
+    records = [r for _, r in read_output(out, "jsonl") if "error" not in r]
+    assert records
+    for record in records:
+        assert record["predictions"][:2] == [True, False]
+        assert record["predictions"][2] == (record["probs"][2] >= 0.5)
+        assert sorted(record["classes"]) == [i for i, p in enumerate(record["predictions"]) if p]
+        assert record["class_names"] == [NAMES[i] for i in record["classes"]]

@@ -3,15 +3,13 @@
 Owns what trainer.predict (offline, PAI-style lines) and trainer.serve (TF
 Serving's REST rows) share: `load()` returns the model's two signatures and
 what the model says about itself (class names, task, image size) from its
-`metadata` signature, or, for exports written before that signature existed,
-from constants inside the serving graph (names fall back to "0".."C-1").
+`metadata` signature.
 `pai_records()` and `rows()` turn one batch of signature outputs into one
 JSON-ready dict per image.
 """
 
 import dataclasses
 import os
-import sys
 
 import numpy as np
 
@@ -30,25 +28,6 @@ class Model:
     holder: object = None  # the loaded object; keeps the variables alive
 
 
-def import_tensorflow_quietly():
-    """Imports TensorFlow with its C++ start-up chatter kept off stderr (TF_CPP_MIN_LOG_LEVEL=0 shows it)."""
-    if os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2") == "0":
-        import tensorflow  # noqa: F401
-
-        return
-    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
-    sys.stderr.flush()
-    os.dup2(devnull, 2)
-    try:
-        import tensorflow as tf
-
-        tf.config.list_physical_devices()  # the CUDA probe logs here, once
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(devnull)
-
-
 def load(model_dir):
     import tensorflow as tf
 
@@ -60,32 +39,12 @@ def load(model_dir):
         raise ModelError(f"--model_dir={model_dir} lacks the signatures {sorted(missing)}; export it with trainer.export")
     serve_images = loaded.signatures["serving_images"]
     num_classes = int(serve_images.structured_outputs["probabilities"].shape[-1])
-    metadata = loaded.signatures.get("metadata") or getattr(loaded, "metadata", None)  # a signature, or a tf.function
-    if callable(metadata):
-        meta = {k: v.numpy() for k, v in metadata().items()}
-        names = tuple(n.decode("utf-8") for n in meta["class_names"])
-        task, size = meta["task"].decode("utf-8"), int(meta["image_size"])
-    else:
-        names, size = _from_graph(serve_images, num_classes)
-        task = "multi_label" if "predictions" in serve_images.structured_outputs else "classification"
+    if "metadata" not in loaded.signatures:
+        raise ModelError(f"--model_dir={model_dir} has no metadata signature; re-export it with this version's trainer")
+    meta = {k: v.numpy() for k, v in loaded.signatures["metadata"]().items()}
+    names = tuple(n.decode("utf-8") for n in meta["class_names"])
+    task, size = meta["task"].decode("utf-8"), int(meta["image_size"])
     return Model(loaded.signatures["serving_default"], serve_images, names, task, size, loaded)
-
-
-def _from_graph(concrete_function, num_classes):
-    """(class names, image size) of an older export: its captured name tensor and its resize constant."""
-    import tensorflow as tf
-
-    names = tuple(str(i) for i in range(num_classes))
-    for captured in concrete_function.captured_inputs:
-        if captured.dtype == tf.string and captured.shape == (num_classes,):
-            names = tuple(n.decode("utf-8") for n in captured.numpy())
-    for function in concrete_function.graph.as_graph_def().library.function:
-        consts = {n.name: n for n in function.node_def if n.op == "Const"}
-        for node in function.node_def:
-            const = consts.get(node.input[1].split(":")[0]) if node.op == "ResizeBilinear" else None
-            if const is not None:
-                return names, int(tf.make_ndarray(const.attr["value"].tensor)[0])
-    raise ModelError("cannot find the image size in this SavedModel; re-export it with trainer.export")
 
 
 def _numpy(outputs):

@@ -23,7 +23,7 @@ import urllib.request
 
 from absl import flags
 
-from trainer import inference
+from trainer import inference, report
 
 FLAGS = flags.FlagValues()
 flags.DEFINE_string("model_dir", None, "Exported SavedModel (the model/ folder of a job-dir), local or gs://.", flag_values=FLAGS)
@@ -322,7 +322,7 @@ def main(argv=None):
     try:
         _check(v)
         num_workers, index = _workers(v, os.environ)
-        inference.import_tensorflow_quietly()
+        report.import_tensorflow_quietly()
         if v.merge:
             merge(v.input_path, v.output_path, v.output_format, num_workers, v.overwrite)
         else:

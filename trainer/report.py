@@ -83,5 +83,28 @@ def progress_line(step, max_steps, loss, learning_rate, images_per_second, eta_s
     )
 
 
+def import_tensorflow_quietly():
+    """Imports TensorFlow with its C++ start-up chatter (oneDNN, CUDA probes) kept off stderr.
+
+    TF_CPP_MIN_LOG_LEVEL no longer silences those lines. A user who sets it to
+    0 sees everything; a failing import still raises after stderr is restored.
+    """
+    if os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2") == "0":
+        import tensorflow  # noqa: F401
+
+        return
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    sys.stderr.flush()
+    os.dup2(devnull, 2)
+    try:
+        import tensorflow as tf
+
+        tf.config.list_physical_devices()  # the CUDA probe logs here, once
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
 def say(text):
     print(text, file=sys.stdout, flush=True)

@@ -30,7 +30,7 @@ import time
 import numpy as np
 from absl import flags
 
-from trainer import inference
+from trainer import inference, report
 
 FLAGS = flags.FlagValues()
 flags.DEFINE_string("model_dir", None, "Exported SavedModel (the model/ folder of a job-dir), local or gs://.", flag_values=FLAGS)
@@ -310,7 +310,7 @@ def main(argv=None):
     port = FLAGS.port
     if not FLAGS["port"].present and os.environ.get("AIP_HTTP_PORT", "").isdigit():
         port = int(os.environ["AIP_HTTP_PORT"])
-    inference.import_tensorflow_quietly()
+    report.import_tensorflow_quietly()
     try:
         model = inference.load(FLAGS.model_dir)
         server = make_server(model, FLAGS.host, port, FLAGS.model_name, FLAGS.max_body_bytes,

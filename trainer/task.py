@@ -99,26 +99,6 @@ def _fail(message):
     sys.exit(2)
 
 
-def _import_tensorflow_quietly():
-    """Imports TensorFlow with its C++ start-up chatter (oneDNN, CUDA probes) kept off stderr.
-
-    TF_CPP_MIN_LOG_LEVEL no longer silences those lines. A user who sets it to
-    0 sees everything; a failing import still raises after stderr is restored.
-    """
-    if os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2") == "0":
-        return
-    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, 2)
-    try:
-        import tensorflow as tf
-
-        tf.config.list_physical_devices()  # the CUDA probe logs here, once
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(devnull)
-
-
 def main(argv=None):
     argv = list(sys.argv if argv is None else argv)
     try:
@@ -134,7 +114,9 @@ def main(argv=None):
         _fail(str(e))
     # Keras reads the backend once, at import: set it before anything imports Keras.
     os.environ["KERAS_BACKEND"] = config.backend
-    _import_tensorflow_quietly()
+    from trainer import report
+
+    report.import_tensorflow_quietly()
     from trainer import train
 
     try:
