@@ -23,10 +23,12 @@ setup(
         "numpy",
         "pyyaml>=6",
         "optuna>=4.2",
+        "plotly>=5",  # the study driver's HTML plots
+        "psycopg2-binary>=2.9",  # distributed studies on PostgreSQL
         "scikit-learn>=1.4",  # ships the bundled digits sample
     ],
     extras_require={
         "jax": ["jax[cpu]>=0.6"],
-        "test": ["pytest>=8", "pytest-xdist>=3", "pillow>=10", "jax[cpu]>=0.6", "psycopg2-binary>=2.9"],
+        "test": ["pytest>=8", "pytest-xdist>=3", "pillow>=10", "jax[cpu]>=0.6"],
     },
 )
