@@ -20,7 +20,7 @@ from hptuning import algorithms, outputs, runner
 from hptuning import params as params_lib
 from hptuning import spec as spec_lib
 from hptuning import storage as storage_lib
-from trainer.config import UserError
+from trainer.config import UserError, fail, parse_command_line
 
 FLAGS = flags.FlagValues()
 flags.DEFINE_string("study_config", None, "Study YAML: ours or a Vertex AI tuning job config (studySpec).", flag_values=FLAGS)
@@ -163,19 +163,8 @@ class _NoTraceback(logging.Formatter):
         return f"optuna {record.levelname.lower()}: {record.getMessage()}"
 
 
-def _fail(message):
-    print(f"error: {message}", file=sys.stderr, flush=True)
-    sys.exit(2)
-
-
 def main(argv=None):
-    argv = list(sys.argv if argv is None else argv)
-    try:
-        rest = FLAGS(argv)
-    except flags.Error as e:
-        _fail(str(e).replace("\n", " "))
-    if len(rest) > 1:
-        _fail(f"unexpected argument {rest[1]!r}; flags are written --name=value")
+    parse_command_line(FLAGS, argv)
     quiet_optuna()
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     try:
@@ -190,9 +179,9 @@ def main(argv=None):
         code = run_study(spec, job_dir, FLAGS.storage or storage_lib.default_url(job_dir), name,
                          FLAGS.heartbeat_interval, FLAGS.poll_seconds)
     except UserError as e:
-        _fail(str(e))
+        fail(str(e))
     except KeyboardInterrupt:
-        _fail("interrupted; run the same command again to resume the study (finished trials are kept)")
+        fail("interrupted; run the same command again to resume the study (finished trials are kept)")
     sys.exit(code)
 
 

@@ -6,6 +6,7 @@ Keras, so a bad flag is reported in a fraction of a second.
 """
 
 import dataclasses
+import sys
 
 MODEL_TYPES = (
     "resnet-18", "resnet-34", "resnet-50", "resnet-101", "resnet-152", "resnet-200",
@@ -27,6 +28,25 @@ TUNABLE_METRICS = {
 
 class UserError(Exception):
     """A mistake the user can fix; reported as one line, without a traceback."""
+
+
+def fail(message):
+    """Ends the program after a user mistake: one `error:` line on stderr, exit status 2."""
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+def parse_command_line(flag_values, argv=None):
+    """Parses argv into absl flag_values; a misspelt flag, a bad value or a stray argument ends in fail()."""
+    from absl import flags
+
+    argv = list(sys.argv if argv is None else argv)
+    try:
+        rest = flag_values(argv)
+    except flags.Error as e:
+        fail(str(e).replace("\n", " "))
+    if len(rest) > 1:
+        fail(f"unexpected argument {rest[1]!r}; flags are written --name=value")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -38,7 +38,6 @@ def load(model_dir):
     if missing:
         raise ModelError(f"--model_dir={model_dir} lacks the signatures {sorted(missing)}; export it with trainer.export")
     serve_images = loaded.signatures["serving_images"]
-    num_classes = int(serve_images.structured_outputs["probabilities"].shape[-1])
     if "metadata" not in loaded.signatures:
         raise ModelError(f"--model_dir={model_dir} has no metadata signature; re-export it with this version's trainer")
     meta = {k: v.numpy() for k, v in loaded.signatures["metadata"]().items()}

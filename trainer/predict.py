@@ -24,6 +24,7 @@ import urllib.request
 from absl import flags
 
 from trainer import inference, report
+from trainer.config import UserError, fail, parse_command_line
 
 FLAGS = flags.FlagValues()
 flags.DEFINE_string("model_dir", None, "Exported SavedModel (the model/ folder of a job-dir), local or gs://.", flag_values=FLAGS)
@@ -37,10 +38,6 @@ flags.DEFINE_boolean("merge", False, "Concatenate the finished part files of all
 flags.DEFINE_boolean("overwrite", False, "Replace an existing output instead of resuming it.", flag_values=FLAGS)
 flags.DEFINE_float("url_timeout_s", 30.0, "Seconds to wait for an http(s) image.", flag_values=FLAGS)
 flags.DEFINE_integer("read_threads", 16, "Images read at once (http(s) fetches and file reads).", flag_values=FLAGS)
-
-
-class UserError(Exception):
-    """A mistake the user can fix; reported as one `error:` line."""
 
 
 def read_locations(input_path):
@@ -305,19 +302,8 @@ def _check(values):
         raise UserError(f"--url_timeout_s={values['url_timeout_s'].value} must be positive")
 
 
-def _fail(message):
-    print(f"error: {message}", file=sys.stderr, flush=True)
-    sys.exit(2)
-
-
 def main(argv=None):
-    argv = list(sys.argv if argv is None else argv)
-    try:
-        rest = FLAGS(argv)
-    except flags.Error as e:
-        _fail(str(e).replace("\n", " "))
-    if len(rest) > 1:
-        _fail(f"unexpected argument {rest[1]!r}; flags are written --name=value")
+    parse_command_line(FLAGS, argv)
     v = FLAGS
     try:
         _check(v)
@@ -329,9 +315,9 @@ def main(argv=None):
             run_worker(v.model_dir, v.input_path, v.output_path, v.output_format, num_workers, index, v.overwrite,
                        v.batch_size, v.read_threads, v.url_timeout_s)
     except UserError as e:
-        _fail(str(e))
+        fail(str(e))
     except KeyboardInterrupt:
-        _fail("interrupted; every line written is complete: rerun the same command to resume")
+        fail("interrupted; every line written is complete: rerun the same command to resume")
 
 
 if __name__ == "__main__":

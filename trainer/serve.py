@@ -31,6 +31,7 @@ import numpy as np
 from absl import flags
 
 from trainer import inference, report
+from trainer.config import fail, parse_command_line
 
 FLAGS = flags.FlagValues()
 flags.DEFINE_string("model_dir", None, "Exported SavedModel (the model/ folder of a job-dir), local or gs://.", flag_values=FLAGS)
@@ -279,33 +280,22 @@ def make_server(model, host, port, model_name, max_body_bytes, max_batch_size, b
     return server
 
 
-def _fail(message):
-    print(f"error: {message}", file=sys.stderr, flush=True)
-    sys.exit(2)
-
-
 def _check(values):
     if not values.model_dir:
-        _fail("--model_dir is required (the model/ folder of a job-dir)")
+        fail("--model_dir is required (the model/ folder of a job-dir)")
     if not 0 <= values.port <= 65535:
-        _fail(f"--port={values.port} must lie in [0, 65535]")
+        fail(f"--port={values.port} must lie in [0, 65535]")
     for name in ("max_body_bytes", "max_batch_size"):
         if values[name].value < 1:
-            _fail(f"--{name}={values[name].value} must be at least 1")
+            fail(f"--{name}={values[name].value} must be at least 1")
     if values.batch_timeout_ms < 0:
-        _fail(f"--batch_timeout_ms={values.batch_timeout_ms} must be at least 0")
+        fail(f"--batch_timeout_ms={values.batch_timeout_ms} must be at least 0")
     if not re.fullmatch(r"[^/:?\s]+", values.model_name):
-        _fail(f"--model_name={values.model_name!r} must not contain '/', ':', '?' or spaces")
+        fail(f"--model_name={values.model_name!r} must not contain '/', ':', '?' or spaces")
 
 
 def main(argv=None):
-    argv = list(sys.argv if argv is None else argv)
-    try:
-        rest = FLAGS(argv)
-    except flags.Error as e:
-        _fail(str(e).replace("\n", " "))
-    if len(rest) > 1:
-        _fail(f"unexpected argument {rest[1]!r}; flags are written --name=value")
+    parse_command_line(FLAGS, argv)
     _check(FLAGS)
     port = FLAGS.port
     if not FLAGS["port"].present and os.environ.get("AIP_HTTP_PORT", "").isdigit():
@@ -316,9 +306,9 @@ def main(argv=None):
         server = make_server(model, FLAGS.host, port, FLAGS.model_name, FLAGS.max_body_bytes,
                              FLAGS.max_batch_size, FLAGS.batch_timeout_ms)
     except inference.ModelError as e:
-        _fail(str(e))
+        fail(str(e))
     except OSError as e:
-        _fail(f"--port={port} on --host={FLAGS.host}: {e.strerror or e}")
+        fail(f"--port={port} on --host={FLAGS.host}: {e.strerror or e}")
     host, port = server.server_address[:2]
     print(f"serving {FLAGS.model_name} ({model.task}, {len(model.class_names)} classes) at "
           f"http://{host}:{port}/v1/models/{FLAGS.model_name}", flush=True)

@@ -6,7 +6,6 @@ train.run(). User mistakes end here as one `error:` line and exit status 2.
 """
 
 import os
-import sys
 
 from absl import flags
 
@@ -94,24 +93,13 @@ def job_dir_from_flags(values):
     return job_dir
 
 
-def _fail(message):
-    print(f"error: {message}", file=sys.stderr, flush=True)
-    sys.exit(2)
-
-
 def main(argv=None):
-    argv = list(sys.argv if argv is None else argv)
-    try:
-        rest = FLAGS(argv)
-    except flags.Error as e:
-        _fail(str(e).replace("\n", " "))
-    if len(rest) > 1:
-        _fail(f"unexpected argument {rest[1]!r}; flags are written --name=value")
+    config_lib.parse_command_line(FLAGS, argv)
     try:
         config = config_from_flags(FLAGS)
         job_dir = job_dir_from_flags(FLAGS)
     except config_lib.UserError as e:
-        _fail(str(e))
+        config_lib.fail(str(e))
     # Keras reads the backend once, at import: set it before anything imports Keras.
     os.environ["KERAS_BACKEND"] = config.backend
     from trainer import report
@@ -122,9 +110,9 @@ def main(argv=None):
     try:
         train.run(config, job_dir)
     except config_lib.UserError as e:
-        _fail(str(e))
+        config_lib.fail(str(e))
     except KeyboardInterrupt:
-        _fail("interrupted; the last checkpoint in checkpoints/ is intact and the run resumes from it")
+        config_lib.fail("interrupted; the last checkpoint in checkpoints/ is intact and the run resumes from it")
 
 
 if __name__ == "__main__":
