@@ -29,6 +29,13 @@ BASE = ["--training_data_path=t", "--validation_data_path=v", "--num_classes=3",
     (["--max_steps=5", "--image_size=8"], "--image_size"),
     (["--max_steps=5", "--backend=torch"], "--backend must be one of tensorflow, jax"),
     (["--max_steps=5", "extra_positional"], "unexpected argument"),
+    (["--max_steps=5", "--optimizer_arguments=momentum=abc"], "momentum='abc' should be a number >= 0"),
+    (["--max_steps=5", "--optimizer_arguments=momentum=1.5"], "momentum must be below 1"),
+    (["--max_steps=5", "--optimizer_arguments=nesterov=1"], "nesterov=1.0 should be true or false"),
+    (["--max_steps=5", "--optimizer_arguments=use_ema=true"], "'use_ema' is not an argument"),
+    (["--max_steps=5", "--optimizer_arguments=clipnorm=1,clipvalue=1"], "at most one of clipnorm"),
+    (["--max_steps=5", "--model_type=efficientnet-b0", "--image_size=16"], "--image_size must be at least 32 for efficientnet-b0"),
+    (["--max_steps=5", "--model_type=resnet-50", "--pretrained_checkpoint_path=imagenet"], "efficientnet-* only"),
 ])
 def test_bad_flag_values_are_reported_before_anything_runs(args, fragment):
     assert_user_error(run_trainer(BASE + args), fragment)

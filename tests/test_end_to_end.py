@@ -7,12 +7,17 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tests.conftest import encode, run_trainer, tiny_flags, tiny_image, write_folder, write_list, write_tfrecords
+from tests.conftest import assert_user_error, encode, run_trainer, tiny_flags, tiny_image, write_folder, write_list, write_tfrecords
 
 
 def real_image_bytes():
     rng = np.random.default_rng(7)
     return [encode(tiny_image(0, rng), "JPEG"), encode(tiny_image(1, rng), "PNG"), encode(tiny_image(1, rng, 40), "JPEG")]
+
+
+def best_weights(checkpoints):
+    """The best evaluation's weights file, as committed in state.json."""
+    return os.path.join(checkpoints, json.load(open(os.path.join(checkpoints, "state.json")))["best_weights"])
 
 
 def keras_probabilities(job_dir, encoded_images, image_size=16):
@@ -21,7 +26,7 @@ def keras_probabilities(job_dir, encoded_images, image_size=16):
 
     config = json.load(open(os.path.join(job_dir, "config.json")))
     model = models.build_model(config["model_type"], config["num_classes"], image_size)
-    model.load_weights(os.path.join(job_dir, "checkpoints", "best.weights.h5"))
+    model.load_weights(best_weights(os.path.join(job_dir, "checkpoints")))
     batch = tf.stack([images.eval_image(tf.constant(b), image_size) for b in encoded_images])
     return tf.nn.softmax(model(batch, training=False)).numpy()
 
@@ -42,8 +47,10 @@ def check_export(job_dir, class_names):
 
 def check_outputs(job_dir, result, hypertune_file, eval_steps):
     assert result.returncode == 0, result.stderr[-3000:]
-    for name in ("model/saved_model.pb", "checkpoints/best.weights.h5", "config.json", "metrics.json", "labels.txt"):
+    for name in ("model/saved_model.pb", "config.json", "metrics.json", "labels.txt"):
         assert os.path.exists(os.path.join(job_dir, name)), name
+    metrics = json.load(open(os.path.join(job_dir, "metrics.json")))
+    assert best_weights(os.path.join(job_dir, "checkpoints")).endswith(f"best-{metrics['best']['step']}.weights.h5")
     assert any(f.startswith("events") for _, _, files in os.walk(os.path.join(job_dir, "logs")) for f in files)
     metrics = json.load(open(os.path.join(job_dir, "metrics.json")))
     assert [e["step"] for e in metrics["evaluations"]] == eval_steps
@@ -111,8 +118,12 @@ def test_rerun_resumes_from_the_checkpoint(tmp_path, hypertune_file):
     assert "step 2/6" not in second.stdout  # finished steps are not trained again
     metrics = json.load(open(os.path.join(job, "metrics.json")))
     assert [e["step"] for e in metrics["evaluations"]] == [2, 4, 6]
-    assert sorted(os.listdir(os.path.join(job, "checkpoints"))) == [
-        "best.weights.h5", "ckpt-6.optimizer.npz", "ckpt-6.weights.h5", "state.json"]
+    best_step = metrics["best"]["step"]
+    assert sorted(os.listdir(os.path.join(job, "checkpoints"))) == sorted([
+        f"best-{best_step}.weights.h5", "ckpt-6.optimizer.npz", "ckpt-6.weights.h5", "state.json"])
+    other_run = run_trainer(tiny_flags(train, val, job, max_steps=8, seed=7), hypertune_file)
+    assert_user_error(other_run, "--job-dir holds a checkpoint of a different run (--seed was 42, now 7)")
+    assert json.load(open(os.path.join(job, "config.json")))["seed"] == 42  # the refused run wrote nothing
 
 
 def test_vertex_ai_output_variables_override_the_job_dir_layout(tmp_path, hypertune_file):
@@ -122,6 +133,6 @@ def test_vertex_ai_output_variables_override_the_job_dir_layout(tmp_path, hypert
            "AIP_TENSORBOARD_LOG_DIR": str(aip / "tb")}
     result = run_trainer(tiny_flags(train, train, str(job), max_steps=2), hypertune_file, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert (aip / "model" / "saved_model.pb").exists() and (aip / "ckpt" / "best.weights.h5").exists()
+    assert (aip / "model" / "saved_model.pb").exists() and os.path.exists(best_weights(str(aip / "ckpt")))
     assert any((aip / "tb").rglob("events*"))
     assert (job / "metrics.json").exists() and not (job / "model").exists()

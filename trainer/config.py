@@ -126,7 +126,9 @@ def parse_optimizer_arguments(text):
         name, sep, raw = item.partition("=")
         if not sep or not name.strip():
             raise UserError(f"--optimizer_arguments: {item!r} is not name=value; write e.g. 'momentum=0.9,nesterov=true'")
-        pairs.append((name.strip(), _parse_scalar(raw.strip())))
+        value = _parse_scalar(raw.strip())
+        # Keras optimizers want floats where a user writes momentum=0 or epsilon=1.
+        pairs.append((name.strip(), float(value) if isinstance(value, int) and not isinstance(value, bool) else value))
     return tuple(pairs)
 
 
@@ -143,11 +145,14 @@ def _parse_scalar(raw):
 
 # Constructor arguments each optimizer_type accepts from --optimizer_arguments.
 # learning_rate is a flag of its own; weight_decay is the L2 loss term.
+# (use_ema is left out: Keras swaps the averaged weights in only when fit ends,
+# so evaluations and the best checkpoint would never see them.)
 _OPTIMIZER_ARGUMENTS = {
-    "momentum": ("momentum", "nesterov", "clipnorm", "clipvalue", "global_clipnorm", "use_ema", "ema_momentum"),
-    "adam": ("beta_1", "beta_2", "epsilon", "amsgrad", "clipnorm", "clipvalue", "global_clipnorm", "use_ema", "ema_momentum"),
-    "rmsprop": ("rho", "momentum", "epsilon", "centered", "clipnorm", "clipvalue", "global_clipnorm", "use_ema", "ema_momentum"),
+    "momentum": ("momentum", "nesterov", "clipnorm", "clipvalue", "global_clipnorm"),
+    "adam": ("beta_1", "beta_2", "epsilon", "amsgrad", "clipnorm", "clipvalue", "global_clipnorm"),
+    "rmsprop": ("rho", "momentum", "epsilon", "centered", "clipnorm", "clipvalue", "global_clipnorm"),
 }
+_BOOLEAN_ARGUMENTS = ("nesterov", "amsgrad", "centered")
 
 
 def optimizer_argument_names(optimizer_type):
@@ -190,10 +195,22 @@ def validate(config):
     _require(0 <= c.max_corrupt_fraction <= 1, "max_corrupt_fraction", f"must be in [0, 1] (got {c.max_corrupt_fraction})")
     if c.learning_rate_decay_type == "stepwise":
         _validate_stepwise(c)
+    _require(c.pretrained_checkpoint_path != "imagenet" or c.model_type.startswith("efficientnet"),
+             "pretrained_checkpoint_path", "=imagenet: Keras provides ImageNet weights for efficientnet-* only; "
+             f"for {c.model_type} give a .weights.h5 or .keras file")
+    _require(c.image_size >= 32 or not c.model_type.startswith("efficientnet"), "image_size",
+             f"must be at least 32 for {c.model_type} (got {c.image_size})")
     allowed = optimizer_argument_names(c.optimizer_type)
-    for name, _ in c.optimizer_arguments:
+    for name, value in c.optimizer_arguments:
         _require(name in allowed, "optimizer_arguments",
                  f"{name!r} is not an argument of the {c.optimizer_type} optimizer; valid: {', '.join(allowed)}")
+        boolean = name in _BOOLEAN_ARGUMENTS
+        ok = isinstance(value, bool) if boolean else isinstance(value, float) and value >= 0
+        _require(ok, "optimizer_arguments", f"{name}={value!r} should be {'true or false' if boolean else 'a number >= 0'}")
+        _require(name not in ("momentum", "rho", "beta_1", "beta_2") or value < 1, "optimizer_arguments",
+                 f"{name} must be below 1 (got {value})")
+    _require(len({n for n, _ in c.optimizer_arguments} & {"clipnorm", "clipvalue", "global_clipnorm"}) <= 1,
+             "optimizer_arguments", "give at most one of clipnorm, clipvalue, global_clipnorm")
 
 
 def _validate_stepwise(c):

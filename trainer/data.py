@@ -94,6 +94,7 @@ def _list_source(path, flag, fmt):
     files, labels, lines = [], [], []
     with tf.io.gfile.GFile(path) as f:
         for number, line in enumerate(f, start=1):
+            line = line.lstrip("\ufeff") if number == 1 else line  # a byte-order mark from Windows editors
             if not line.strip() or line.lstrip().startswith("#"):
                 continue
             parts = line.split()
@@ -148,8 +149,12 @@ def _parser(fmt):
     return parse
 
 
-def _encoded(source, keys, fmt, shuffle_seed=None):
-    """(key, encoded image, label) for the records in `keys` (None = all)."""
+def _encoded(source, keys, fmt, shuffle_seed=None, read=True):
+    """(key, encoded image, label) for the records in `keys` (None = all).
+
+    read=False leaves image files of folder and list sources unread (the path
+    in place of the bytes), so that skipping records costs no file reads.
+    """
     if source.kind == "tfrecord":
         ds = _tfrecord_records(source, shuffle_seed).map(_parser(fmt), num_parallel_calls=AUTOTUNE)
         if keys is not None:  # some records were left out by the scan
@@ -166,6 +171,8 @@ def _encoded(source, keys, fmt, shuffle_seed=None):
     ds = tf.data.Dataset.from_tensor_slices((keys, np.array(source.files)[keys], labels))
     if shuffle_seed is not None:
         ds = ds.shuffle(len(keys), seed=shuffle_seed, reshuffle_each_iteration=True)
+    if not read:
+        return ds
     return ds.map(lambda key, path, label: (key, tf.io.read_file(path), label), num_parallel_calls=AUTOTUNE)
 
 
@@ -183,9 +190,10 @@ def scan(source, num_classes, fmt, max_corrupt_fraction):
     if bad.size:
         i = bad[0]
         value = lowest[i] if lowest[i] < 0 else highest[i]
+        offset = 0 if source.kind == "folder" else fmt.label_offset  # folder labels are subfolder positions
         raise UserError(
-            f"--{source.flag}: label {value + fmt.label_offset} of {source.locate(all_keys[i])} is outside "
-            f"[0, {num_classes}) after --label_offset={fmt.label_offset} ({bad.size} such records; check --num_classes and --label_offset)"
+            f"--{source.flag}: label {value + offset} of {source.locate(all_keys[i])} is outside "
+            f"[0, {num_classes}) after --label_offset={offset} ({bad.size} such records; check --num_classes and --label_offset)"
         )
     decodable = _decodable_keys(source, fmt)
     usable = np.isin(all_keys, decodable)
@@ -195,6 +203,8 @@ def scan(source, num_classes, fmt, max_corrupt_fraction):
             f"--{source.flag}: {len(corrupt)} of {len(all_keys)} images cannot be read or decoded (first: {corrupt[0]}); "
             f"fix or remove them, or raise --max_corrupt_fraction"
         )
+    if not usable.any():
+        raise UserError(f"--{source.flag}: none of its {len(all_keys)} images can be read or decoded (first: {corrupt[0]})")
     return Scan(all_keys[usable], len(all_keys), corrupt)
 
 
@@ -260,7 +270,7 @@ def training_dataset(source, scan_result, fmt, batch_size, image_size, num_class
     an uninterrupted run consumed, and gives them the same crops and flips.
     """
     keys = scan_result.keys if len(scan_result.keys) < scan_result.total else None
-    ds = _encoded(source, keys, fmt, shuffle_seed=seed)
+    ds = _encoded(source, keys, fmt, shuffle_seed=seed, read=False)
     if source.kind == "tfrecord":
         ds = ds.shuffle(min(scan_result.total, 16384), seed=seed, reshuffle_each_iteration=True)
     start = start_step * batch_size
@@ -268,6 +278,8 @@ def training_dataset(source, scan_result, fmt, batch_size, image_size, num_class
 
     def prepare(index, element):
         _, encoded, label = element
+        if source.kind != "tfrecord":
+            encoded = tf.io.read_file(encoded)  # read after skip(): resuming reads no file twice
         image = images.train_image(encoded, image_size, tf.stack([tf.cast(seed, tf.int64), index]), min_area, flip)
         return image, _target(label, num_classes, fmt.multi_label)
 
@@ -278,11 +290,17 @@ def training_dataset(source, scan_result, fmt, batch_size, image_size, num_class
     return ds.batch(batch_size, drop_remainder=True).prefetch(AUTOTUNE).with_options(options)
 
 
-def eval_dataset(source, scan_result, fmt, batch_size, image_size, num_classes, num_images=0):
-    """The first num_images usable records (0 = all), centrally cropped, in order."""
+def eval_dataset(source, scan_result, fmt, batch_size, image_size, num_classes, num_images=0, seed=0):
+    """num_images usable records (0 = all) chosen by a seeded draw, centrally cropped, in source order.
+
+    A draw rather than the first N: folders and lists are sorted by class, so
+    the first N would cover only the first classes.
+    """
     keys = scan_result.keys if len(scan_result.keys) < scan_result.total else None
-    ds = _encoded(source, keys, fmt)
     count = len(scan_result.keys) if num_images == 0 else min(num_images, len(scan_result.keys))
+    if count < len(scan_result.keys):
+        keys = np.sort(np.random.RandomState(seed).choice(scan_result.keys, count, replace=False))
+    ds = _encoded(source, keys, fmt)
     ds = ds.take(count).map(
         lambda key, encoded, label: (images.eval_image(encoded, image_size), _target(label, num_classes, fmt.multi_label)),
         num_parallel_calls=AUTOTUNE,
@@ -304,6 +322,9 @@ def class_names(train_source, eval_source, num_classes, label_map_path):
             names = tuple(line.strip() for line in f if line.strip())
         if len(names) != num_classes:
             raise UserError(f"--label_map_path: {label_map_path} names {len(names)} classes but --num_classes={num_classes}")
+        if train_source.kind == "folder" and names != train_source.class_names:
+            raise UserError(f"--label_map_path: {label_map_path} does not list the class subfolders of --training_data_path "
+                            f"in their (sorted) label order: {', '.join(train_source.class_names)}")
         return names
     if train_source.kind == "folder":
         if len(train_source.class_names) != num_classes:

@@ -51,7 +51,8 @@ def cluster_from_env(env=os.environ):
 
 
 def setup(backend, cluster):
-    """Starts the backend's distribution; returns the context to build and compile the model in."""
+    """Starts the backend's distribution; returns (the context to build and compile the model in,
+    the number of devices a batch is split over)."""
     if backend == "jax":
         return _setup_jax(cluster)
     return _setup_tensorflow(cluster)
@@ -66,7 +67,7 @@ def _setup_jax(cluster):
     if len(devices) > 1:
         keras.distribution.set_distribution(keras.distribution.DataParallel(devices=devices))
         print(f"data parallel over {len(devices)} devices in {max(len(cluster.addresses), 1)} process(es) (keras.distribution)", flush=True)
-    return contextlib.nullcontext()
+    return contextlib.nullcontext(), len(devices)
 
 
 def _setup_tensorflow(cluster):
@@ -79,5 +80,5 @@ def _setup_tensorflow(cluster):
     if len(tf.config.list_physical_devices("GPU")) > 1:
         strategy = tf.distribute.MirroredStrategy()
         print(f"data parallel over {strategy.num_replicas_in_sync} GPUs (MirroredStrategy)", flush=True)
-        return strategy.scope()
-    return contextlib.nullcontext()
+        return strategy.scope(), strategy.num_replicas_in_sync
+    return contextlib.nullcontext(), 1

@@ -18,6 +18,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 
 
 def export_saved_model(weights_path, model_type, num_classes, image_size, class_names, export_dir, thresholds=None):
@@ -33,7 +34,9 @@ def export_saved_model(weights_path, model_type, num_classes, image_size, class_
 
     from trainer import images, models
 
-    model = models.build_model(model_type, num_classes, image_size)
+    # Served on CPUs: float32 whatever precision trained it.
+    keras.mixed_precision.set_dtype_policy("float32")
+    model = models.build_model(model_type, num_classes, image_size, one_pass_moments=False)
     model.load_weights(weights_path)
     names = tf.constant(list(class_names))
 
@@ -113,12 +116,12 @@ def _replace_dir(new, target):
 def _export_in_child(weights_path, model_type, num_classes, image_size, class_names, export_dir, thresholds):
     spec = dict(weights_path=weights_path, model_type=model_type, num_classes=num_classes, image_size=image_size,
                 class_names=list(class_names), export_dir=export_dir, thresholds=thresholds)
-    spec_path = f"{weights_path}.export.json"
-    with open(spec_path, "w") as f:
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:  # local even for a gs:// job-dir
         json.dump(spec, f)
-    env = dict(os.environ, KERAS_BACKEND="tensorflow")
-    result = subprocess.run([sys.executable, "-m", "trainer.export", spec_path], env=env, capture_output=True, text=True)
-    os.remove(spec_path)
+    # The child needs no GPU: leave the devices to the JAX process that waits for it.
+    env = dict(os.environ, KERAS_BACKEND="tensorflow", CUDA_VISIBLE_DEVICES="")
+    result = subprocess.run([sys.executable, "-m", "trainer.export", f.name], env=env, capture_output=True, text=True)
+    os.remove(f.name)
     if result.returncode != 0:
         raise RuntimeError(f"SavedModel export failed:\n{result.stderr[-4000:]}")
 

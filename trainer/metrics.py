@@ -44,19 +44,22 @@ def best_f1_thresholds(probabilities, labels, default=0.5):
 
     The threshold sits halfway between the lowest score it accepts and the next
     score below, so it does not hinge on float equality with one example.
+    O(N log N) per class: one sort, then F1 at every cut between distinct scores.
     """
     thresholds = np.full(probabilities.shape[1], default, dtype=np.float64)
     for c in range(probabilities.shape[1]):
         positives = labels[:, c].astype(bool)
         if not positives.any():
             continue
-        candidates = np.unique(probabilities[:, c])  # ascending
-        predicted = probabilities[:, c][None, :] >= candidates[:, None]  # [thresholds, N]
-        tp = (predicted & positives).sum(axis=1)
-        f1 = 2 * tp / (predicted.sum(axis=1) + positives.sum())
-        best = int(np.argmax(f1))
-        below = candidates[best - 1] if best > 0 else 0.0
-        thresholds[c] = (candidates[best] + below) / 2
+        order = np.argsort(-probabilities[:, c], kind="stable")
+        scores, hits = probabilities[order, c], positives[order]
+        last_of_tie = np.append(scores[1:] != scores[:-1], True)  # a cut may only fall after a whole tie
+        accepted = np.arange(1, len(scores) + 1)[last_of_tie]
+        tp = np.cumsum(hits)[last_of_tie]
+        best = int(np.argmax(2 * tp / (accepted + positives.sum())))
+        cut = accepted[best]
+        below = scores[cut] if cut < len(scores) else 0.0
+        thresholds[c] = (scores[cut - 1] + below) / 2
     return thresholds
 
 

@@ -38,9 +38,9 @@ def _resnet(block_type, blocks, input_shape):
     return keras.Model(inputs, x, name="backbone")
 
 
-def _efficientnet(application, input_shape):
+def _efficientnet(application, input_shape, weights=None):
     # keras.applications' EfficientNets rescale and normalise 0-255 input themselves.
-    net = application(include_top=False, weights=None, input_shape=input_shape, pooling="avg")
+    net = application(include_top=False, weights=weights, input_shape=input_shape, pooling="avg")
     return keras.Model(net.input, net.output, name="backbone")
 
 
@@ -58,9 +58,12 @@ BACKBONES = {
 }
 
 
-def build_model(model_type, num_classes, image_size, weight_decay=0.0, seed=None, one_pass_moments=None):
+def build_model(model_type, num_classes, image_size, weight_decay=0.0, seed=None, one_pass_moments=None,
+                imagenet=False):
     """uint8 [B, S, S, 3] -> float32 logits [B, num_classes].
 
+    imagenet: start the backbone from Keras' ImageNet weights (efficientnet-*
+    only; keras.applications downloads them once into ~/.keras).
     one_pass_moments: batch-norm statistics as E[x^2] - E[x]^2 (see
     _one_pass_moments); None means on with the JAX backend only.
     """
@@ -68,7 +71,8 @@ def build_model(model_type, num_classes, image_size, weight_decay=0.0, seed=None
         keras.utils.set_random_seed(seed)
     inputs = keras.Input((image_size, image_size, 3), dtype="uint8", name="image")
     x = keras.layers.Rescaling(1.0, name="to_float")(inputs)  # uint8 -> compute dtype
-    x = BACKBONES[model_type]((image_size, image_size, 3))(x)
+    backbone = BACKBONES[model_type]
+    x = (backbone((image_size, image_size, 3), weights="imagenet") if imagenet else backbone((image_size, image_size, 3)))(x)
     logits = keras.layers.Dense(num_classes, dtype="float32", name="logits")(x)
     model = keras.Model(inputs, logits, name=model_type.replace("-", "_"))
     if weight_decay:

@@ -25,7 +25,7 @@ flags.DEFINE_integer("train_batch_size", 32, "Images per training step.", flag_v
 flags.DEFINE_integer("eval_batch_size", 32, "Images per evaluation batch.", flag_values=FLAGS)
 flags.DEFINE_integer("num_eval_images", 0, "Validation images per evaluation; 0 = all.", flag_values=FLAGS)
 flags.DEFINE_integer("eval_frequency", 1000, "Steps between evaluations; one always runs at max_steps.", flag_values=FLAGS)
-flags.DEFINE_string("pretrained_checkpoint_path", "", "Weights (.weights.h5 or .keras, local or gs://) of the same model_type; the head is skipped when num_classes differs.", flag_values=FLAGS)
+flags.DEFINE_string("pretrained_checkpoint_path", "", "Weights (.weights.h5 or .keras, local or gs://) of the same model_type, the head skipped when num_classes differs; or 'imagenet' (efficientnet-*: Keras downloads them).", flag_values=FLAGS)
 flags.DEFINE_string("learning_rate_decay_type", "cosine", "cosine | stepwise.", flag_values=FLAGS)
 flags.DEFINE_float("initial_learning_rate", 0.0001, "Learning rate after warmup (cosine starts its decay from it).", flag_values=FLAGS)
 flags.DEFINE_float("warmup_learning_rate", 0.0, "Learning rate at step 0; rises linearly to initial_learning_rate over warmup_steps.", flag_values=FLAGS)

@@ -8,8 +8,6 @@ SavedModel in model/ is exported from best.weights.h5 at the end.
 """
 
 import functools
-import io
-import json
 import math
 import os
 import tempfile
@@ -18,7 +16,7 @@ import time
 import keras
 import numpy as np
 
-from trainer import data, distribute, export, metrics, models, report, schedules
+from trainer import checkpoints, data, distribute, export, metrics, models, report, schedules
 from trainer.config import UserError
 
 def job_paths(job_dir):
@@ -47,9 +45,14 @@ def run(c, job_dir):
     """Trains, evaluates and exports; returns the best value of c.metric."""
     paths = job_paths(job_dir)
     cluster = distribute.cluster_from_env()
-    scope = distribute.setup(c.backend, cluster)  # before any TensorFlow op: collectives configure at start-up
+    scope, replicas = distribute.setup(c.backend, cluster)  # before any TensorFlow op: collectives configure at start-up
+    for flag in ("train_batch_size", "eval_batch_size"):
+        if getattr(c, flag) % replicas:
+            raise UserError(f"--{flag}={getattr(c, flag)} must be a multiple of the {replicas} devices it is split over")
     if cluster.is_chief:
         _prepare_output(paths)
+    store = checkpoints.Checkpoints(paths["checkpoints"])
+    state = store.load_state(checkpoints.run_fingerprint(c))  # a different run's job-dir is refused before any write
     keras.utils.set_random_seed(c.seed)
     keras.mixed_precision.set_dtype_policy(c.precision)
 
@@ -67,12 +70,14 @@ def run(c, job_dir):
         report.write_atomic(os.path.join(job_dir, "labels.txt"), "".join(f"{name}\n" for name in class_names))
 
     with scope:
-        model = models.build_model(c.model_type, c.num_classes, c.image_size, c.weight_decay, seed=c.seed)
-        if c.pretrained_checkpoint_path:
+        imagenet = c.pretrained_checkpoint_path == "imagenet"
+        model = models.build_model(c.model_type, c.num_classes, c.image_size, c.weight_decay, seed=c.seed, imagenet=imagenet)
+        if c.pretrained_checkpoint_path and not imagenet:
             models.load_pretrained(model, c.pretrained_checkpoint_path, c.model_type, c.image_size)
         optimizer = models.make_optimizer(c.optimizer_type, schedules.from_config(c), c.optimizer_arguments)
         models.compile_classifier(model, optimizer, c.num_classes, c.label_smoothing, c.multi_label)
-        state = Checkpoints(paths["checkpoints"]).restore(model)
+        if state:
+            store.restore(model, state)
     start_step = state.get("step", 0)
     if start_step:
         report.say(f"resuming from the checkpoint at step {start_step}")
@@ -81,26 +86,31 @@ def run(c, job_dir):
         train_source, train_scan, fmt, c.train_batch_size, c.image_size, c.num_classes,
         c.seed, c.random_crop_min_area, c.random_flip, start_step,
     )
-    eval_ds, num_eval = data.eval_dataset(eval_source, eval_scan, fmt, c.eval_batch_size, c.image_size, c.num_classes, c.num_eval_images)
+    eval_ds, num_eval = data.eval_dataset(eval_source, eval_scan, fmt, c.eval_batch_size, c.image_size, c.num_classes,
+                                          c.num_eval_images, c.seed)
     evaluate = functools.partial(
-        evaluate_model, dataset=eval_ds, multi_label=c.multi_label, threshold=c.multi_label_threshold,
-        class_names=class_names if c.eval_each_category else None,
+        evaluate_model, dataset=eval_ds, batch_size=c.eval_batch_size, multi_label=c.multi_label,
+        threshold=c.multi_label_threshold, class_names=class_names if c.eval_each_category else None,
     )
     # Saving weights is a collective step on several JAX hosts: every process
     # saves, but only the chief's files land in the job-dir.
     out_dir = job_dir if cluster.is_chief else tempfile.mkdtemp(prefix=f"worker{cluster.index}-")
-    history = Evaluations(evaluate, c.metric, job_paths(out_dir) if out_dir != job_dir else paths, out_dir, state, cluster.is_chief, {
+    out_paths = paths if cluster.is_chief else {name: os.path.join(out_dir, name) for name in ("model", "checkpoints", "logs")}
+    progress = Progress(start_step, c.max_steps, c.train_batch_size, c.log_frequency)
+    history = Evaluations(evaluate, c.metric, progress, out_paths, out_dir, state, cluster.is_chief, {
         "task": c.task, "training_images": len(train_scan.keys), "evaluation_images": num_eval,
         "corrupt_images": {"training": len(train_scan.corrupt), "validation": len(eval_scan.corrupt),
                            "examples": list((train_scan.corrupt + eval_scan.corrupt)[:20])},
+        "run": checkpoints.run_fingerprint(c),
     })
+    progress.tensorboard = history.tensorboard
     if start_step < c.max_steps:
         model.fit(
             train_ds,
             steps_per_epoch=c.eval_frequency,
             initial_epoch=start_step // c.eval_frequency,
-            epochs=math.ceil(c.max_steps / c.eval_frequency),
-            callbacks=[Progress(start_step, c.max_steps, c.train_batch_size, c.log_frequency, history.tensorboard), history],
+            epochs=start_step // c.eval_frequency + math.ceil((c.max_steps - start_step) / c.eval_frequency),
+            callbacks=[progress, history],
             shuffle=False,  # the input pipeline shuffles, reproducibly
             verbose=0,
         )
@@ -111,17 +121,24 @@ def run(c, job_dir):
         report.say(f"worker {cluster.index} done; the chief exports")
         return best[c.metric]
     report.say(f"exporting the best evaluation (step {best['step']}) to {paths['model']}")
-    export.export_saved_model(history.best_weights, c.model_type, c.num_classes, c.image_size, class_names,
+    export.export_saved_model(history.best_weights_path(), c.model_type, c.num_classes, c.image_size, class_names,
                               paths["model"], thresholds=best.get("thresholds"))
     report.say(f"{c.metric}={best[c.metric]:.4f}")
     return best[c.metric]
 
 
-def evaluate_model(model, dataset, multi_label, threshold, class_names):
-    """Exact metrics over the whole evaluation set (metrics.py), from the model's predictions."""
+def evaluate_model(model, dataset, batch_size, multi_label, threshold, class_names):
+    """Exact metrics over the whole evaluation set (metrics.py), from the model's predictions.
+
+    The last, short batch is padded to batch_size: one compiled shape, and
+    always divisible over data-parallel devices.
+    """
     logits, targets = [], []
     for images, target in dataset.as_numpy_iterator():
-        logits.append(keras.ops.convert_to_numpy(model.predict_on_batch(images)))
+        count = len(images)
+        if count < batch_size:
+            images = np.concatenate([images, np.zeros((batch_size - count, *images.shape[1:]), images.dtype)])
+        logits.append(keras.ops.convert_to_numpy(model.predict_on_batch(images))[:count])
         targets.append(target)
     logits, targets = np.concatenate(logits).astype(np.float64), np.concatenate(targets)
     if not multi_label:
@@ -136,70 +153,35 @@ def evaluate_model(model, dataset, multi_label, threshold, class_names):
     return {**result, "thresholds": [float(t) for t in thresholds]}
 
 
-class Checkpoints:
-    """checkpoints/: ckpt-STEP.weights.h5 + ckpt-STEP.optimizer.npz, committed by state.json."""
-
-    def __init__(self, folder):
-        self.folder = folder
-        self.state_path = os.path.join(folder, "state.json")
-
-    def restore(self, model):
-        gfile = report.gfile()
-        if not gfile.exists(self.state_path):
-            return {}
-        with gfile.GFile(self.state_path) as f:
-            state = json.load(f)
-        model.load_weights(os.path.join(self.folder, state["weights"]))
-        optimizer = model.optimizer
-        optimizer.build(model.trainable_variables)
-        with gfile.GFile(os.path.join(self.folder, state["optimizer"]), "rb") as f:
-            saved = np.load(io.BytesIO(f.read()))
-            values = [saved[f"v{i}"] for i in range(len(saved.files))]
-        for variable, value in zip(optimizer.variables, values):
-            variable.assign(value)
-        return state
-
-    def save(self, model, step, extra):
-        gfile = report.gfile()
-        weights, opt = f"ckpt-{step}.weights.h5", f"ckpt-{step}.optimizer.npz"
-        model.save_weights(os.path.join(self.folder, weights))
-        buffer = io.BytesIO()  # np.savez seeks, which gs:// files cannot
-        np.savez(buffer, **{f"v{i}": keras.ops.convert_to_numpy(v) for i, v in enumerate(model.optimizer.variables)})
-        with gfile.GFile(os.path.join(self.folder, opt), "wb") as f:
-            f.write(buffer.getvalue())
-        report.write_json(self.state_path, {"step": step, "weights": weights, "optimizer": opt, **extra})
-        for name in gfile.listdir(self.folder):  # older checkpoints, now superseded
-            if name.startswith("ckpt-") and name not in (weights, opt):
-                gfile.remove(os.path.join(self.folder, name))
-
-
 class Evaluations(keras.callbacks.Callback):
     """After each evaluation: metrics.json, hypertune line, TensorBoard, checkpoint, best weights."""
 
-    def __init__(self, evaluate, metric, paths, job_dir, state, is_chief, summary):
+    def __init__(self, evaluate, metric, progress, paths, job_dir, state, is_chief, summary):
         """is_chief False: paths and job_dir are a scratch folder, and nothing is reported."""
         super().__init__()
-        self.evaluate, self.metric, self.is_chief = evaluate, metric, is_chief
+        self.evaluate, self.metric, self.progress, self.is_chief = evaluate, metric, progress, is_chief
         report.gfile().makedirs(paths["checkpoints"])
-        self.checkpoints = Checkpoints(paths["checkpoints"])
-        self.best_weights = os.path.join(paths["checkpoints"], "best.weights.h5")
+        self.checkpoints = checkpoints.Checkpoints(paths["checkpoints"])
         self.metrics_path = os.path.join(job_dir, "metrics.json")
         self.tensorboard = report.TensorBoard(paths["logs"] if is_chief else None)
         self.evaluations = state.get("evaluations", [])
-        self.best = state.get("best")
+        self.best, self.best_weights = state.get("best"), state.get("best_weights")
         self.summary = summary
         self._write_metrics()
 
+    def best_weights_path(self):
+        return os.path.join(self.checkpoints.folder, self.best_weights)
+
     def on_epoch_end(self, epoch, logs=None):
-        step = int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
+        # Batches trained, counted here rather than read from optimizer.iterations,
+        # which a loss-scaling optimizer does not advance on skipped steps.
+        step = self.progress.step
         result = {"step": step, **self.evaluate(self.model)}
         self.evaluations.append(result)
         if self.best is None or result[self.metric] > self.best[self.metric]:
-            self.best = result
-            tmp = self.best_weights.replace(".weights.h5", f".tmp-{os.getpid()}.weights.h5")
-            self.model.save_weights(tmp)
-            report.gfile().rename(tmp, self.best_weights, overwrite=True)
-        self.checkpoints.save(self.model, step, {"evaluations": self.evaluations, "best": self.best})
+            self.best, self.best_weights = result, self.checkpoints.save_best(self.model, step)
+        state = {"evaluations": self.evaluations, "best": self.best, "best_weights": self.best_weights, "run": self.summary["run"]}
+        self.checkpoints.save(self.model, step, state)
         self._write_metrics()
         if not self.is_chief:
             return
@@ -218,11 +200,11 @@ class Evaluations(keras.callbacks.Callback):
 class Progress(keras.callbacks.Callback):
     """A progress line every log_frequency steps; stops training at max_steps."""
 
-    def __init__(self, start_step, max_steps, batch_size, log_frequency, tensorboard):
+    def __init__(self, start_step, max_steps, batch_size, log_frequency):
         super().__init__()
         self.step, self.max_steps = start_step, max_steps
         self.batch_size, self.log_frequency = batch_size, log_frequency
-        self.tensorboard = tensorboard
+        self.tensorboard = None  # set by run(): Evaluations owns the writers
         self.started = None
 
     def on_epoch_begin(self, epoch, logs=None):
