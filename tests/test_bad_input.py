@@ -127,7 +127,7 @@ def test_failure_keeps_earlier_outputs_intact(tmp_path, data, hypertune_file):
     assert first.returncode == 0, first.stderr[-2000:]
     before = {p: open(job / p, "rb").read() for p in ("metrics.json", "model/saved_model.pb", "checkpoints/state.json")}
     broken = write_tfrecords(tmp_path / "bad", labels=[0, 9], shards=1)
-    assert_user_error(run_trainer(tiny_flags(broken, data[1], job, max_steps=4)), "label 9")
+    assert_user_error(run_trainer(tiny_flags(data[0], broken, job, max_steps=4)), "--validation_data_path", "label 9")
     assert {p: open(job / p, "rb").read() for p in before} == before
 
 
@@ -140,3 +140,10 @@ def test_corrupt_image_inside_a_tfrecord_is_skipped(tmp_path, hypertune_file):
     assert result.returncode == 0, result.stderr[-2000:]
     corrupt = json.load(open(job / "metrics.json"))["corrupt_images"]
     assert corrupt["training"] == 1 and "record 15" in corrupt["examples"][0]
+
+
+def test_help_lists_every_flag():
+    result = run_trainer(["--help"])
+    assert result.returncode == 0
+    for flag in ("--training_data_path", "--multi_label_threshold", "--optimizer_arguments"):
+        assert flag in result.stdout

@@ -41,6 +41,9 @@ def parse_command_line(flag_values, argv=None):
     from absl import flags
 
     argv = list(sys.argv if argv is None else argv)
+    if any(arg in ("-h", "--help", "--helpfull") for arg in argv[1:]):
+        print(flag_values.get_help())
+        sys.exit(0)
     try:
         rest = flag_values(argv)
     except flags.Error as e:
