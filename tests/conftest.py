@@ -118,6 +118,21 @@ def assert_user_error(result, *fragments):
     return errors[0]
 
 
+EXPORTED_CLASS_NAMES = ["cat", "dog", "bird"]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A SavedModel exported from an untrained 3-class ResNet-18 at 16x16 (no training: fast)."""
+    from trainer import export, models
+
+    root = tmp_path_factory.mktemp("model")
+    weights = str(root / "w.weights.h5")
+    models.build_model("resnet-18", 3, 16).save_weights(weights)
+    export.export_saved_model(weights, "resnet-18", 3, 16, EXPORTED_CLASS_NAMES, str(root / "model"))
+    return str(root / "model")
+
+
 @pytest.fixture
 def hypertune_file(tmp_path):
     return tmp_path / "hypertune" / "output.metrics"

@@ -10,21 +10,9 @@ import threading
 import numpy as np
 import pytest
 
-from tests.conftest import assert_user_error, encode, run_cli, tiny_image
+from tests.conftest import EXPORTED_CLASS_NAMES as NAMES, assert_user_error, encode, run_cli, tiny_image
 from trainer import inference, predict
 
-NAMES = ["cat", "dog", "bird"]
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    from trainer import export, models
-
-    root = tmp_path_factory.mktemp("model")
-    weights = str(root / "w.weights.h5")
-    models.build_model("resnet-18", 3, 16).save_weights(weights)
-    export.export_saved_model(weights, "resnet-18", 3, 16, NAMES, str(root / "model"))
-    return str(root / "model")
 
 
 @pytest.fixture(scope="module")

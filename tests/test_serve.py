@@ -12,22 +12,10 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from tests.conftest import ROOT, assert_user_error, encode, run_cli, tiny_image
+from tests.conftest import EXPORTED_CLASS_NAMES as NAMES, ROOT, assert_user_error, encode, run_cli, tiny_image
 from trainer import serve
 
-NAMES = ["cat", "dog", "bird"]
 MAX_BODY = 64 * 1024
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    from trainer import export, models
-
-    root = tmp_path_factory.mktemp("model")
-    weights = str(root / "w.weights.h5")
-    models.build_model("resnet-18", 3, 16).save_weights(weights)
-    export.export_saved_model(weights, "resnet-18", 3, 16, NAMES, str(root / "model"))
-    return str(root / "model")
 
 
 @pytest.fixture(scope="module")
