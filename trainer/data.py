@@ -222,7 +222,7 @@ def _read_label_ranges(source, fmt):
         return key, lowest, highest
 
     ds = _tfrecord_records(source).map(_parser(fmt), num_parallel_calls=AUTOTUNE)
-    ds = ds.map(label_range).batch(65536)
+    ds = ds.map(label_range).batch(4096)  # large batches cost seconds of buffer set-up
     try:
         chunks = list(ds.as_numpy_iterator())
     except (tf.errors.DataLossError, tf.errors.InvalidArgumentError) as e:
@@ -259,7 +259,7 @@ def _decodable_keys(source, fmt):
         return key, shape
 
     ds = _encoded(source, None, fmt).map(probe, num_parallel_calls=AUTOTUNE, deterministic=False)
-    ds = ds.ignore_errors().map(lambda key, shape: key).batch(65536)
+    ds = ds.ignore_errors().map(lambda key, shape: key).batch(4096)  # large batches cost seconds of buffer set-up
     return np.concatenate(list(ds.as_numpy_iterator()) or [np.zeros([0], np.int64)])
 
 

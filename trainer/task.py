@@ -6,6 +6,7 @@ train.run(). User mistakes end here as one `error:` line and exit status 2.
 """
 
 import os
+import sys
 
 from absl import flags
 
@@ -117,3 +118,8 @@ def main(argv=None):
 
 if __name__ == "__main__":
     main()
+    # Every output is written, flushed and closed by now: skip the interpreter's
+    # teardown of TensorFlow's objects, which takes about 2 s on every run.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
