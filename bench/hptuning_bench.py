@@ -104,7 +104,7 @@ def table(rows):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--budget_minutes", type=float, default=20.0, help="trainer minutes per arm")
+    parser.add_argument("--budget_minutes", type=float, default=12.0, help="trainer minutes per arm")
     parser.add_argument("--out", default="runs/hptuning-bench", help="one job-dir per arm under it")
     parser.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated subset of {', '.join(ARMS)}")
     parser.add_argument("--study_config", default=os.path.join(ROOT, "sample_configs", "hptuning", "digits.yaml"))

@@ -91,3 +91,41 @@ def test_jax_data_parallel_over_two_cpu_devices(tmp_path):
     assert process.returncode == 0, err[-3000:]
     assert "data parallel over 2 devices" in out
     assert (job / "model" / "saved_model.pb").exists()
+
+
+MIRRORED_ON_TWO_CPUS = """
+import sys
+import tensorflow as tf
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+from trainer import distribute, task
+distribute._mirrored_devices = lambda tf: ["/cpu:0", "/cpu:1"]  # stands in for a host with two GPUs
+task.main(["trainer"] + sys.argv[1:])
+"""
+
+
+def test_tensorflow_mirrored_strategy_over_two_devices_trains_resumes_and_exports(tmp_path):
+    # No machine here has two GPUs: two logical CPU devices take their place, so
+    # the whole MirroredStrategy path (mirrored variables, split batches,
+    # checkpoints, evaluation, export) runs as it would on them.
+    train = write_tfrecords(tmp_path / "train", per_class=8)
+    job = tmp_path / "job"
+    env = dict(os.environ, PYTHONPATH=ROOT, KERAS_BACKEND="tensorflow", CLOUD_ML_HP_METRIC_FILE=str(tmp_path / "ht"))
+
+    def train_to(max_steps):
+        flags = tiny_flags(train, train, str(job), max_steps=max_steps, eval_frequency=2, log_frequency=1)
+        return subprocess.run([sys.executable, "-c", MIRRORED_ON_TWO_CPUS, *flags], env=env, cwd=ROOT,
+                              capture_output=True, text=True, timeout=600)
+
+    first = train_to(2)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "data parallel over 2 devices (MirroredStrategy)" in first.stdout
+    resumed = train_to(4)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming from the checkpoint at step 2" in resumed.stdout
+    assert [e["step"] for e in json.load(open(job / "metrics.json"))["evaluations"]] == [2, 4]
+    import tensorflow as tf
+
+    served = tf.saved_model.load(str(job / "model")).signatures["serving_images"]
+    probabilities = served(images=tf.zeros([3, 20, 20, 3], tf.uint8))["probabilities"].numpy()
+    assert probabilities.shape == (3, 2) and abs(probabilities.sum(axis=1) - 1).max() < 1e-4

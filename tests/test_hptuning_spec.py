@@ -38,15 +38,17 @@ def minimal(**overrides):
     return config
 
 
-def test_vertex_and_flat_samples_describe_the_same_study():
+def test_vertex_and_flat_samples_search_the_same_space():
     flat = spec_lib.load(os.path.join(SAMPLES, "digits.yaml"))
     vertex = spec_lib.load(os.path.join(SAMPLES, "digits_vertex.yaml"))
     assert flat.describe() == vertex.describe()
     for field in ("max_trial_count", "parallel_trial_count", "max_failed_trial_count", "flagfile", "measurement"):
         assert getattr(flat, field) == getattr(vertex, field), field
     assert dict(flat.trainer_flags) == dict(vertex.trainer_flags) == {
-        "max_steps": "250", "eval_frequency": "50", "log_frequency": "50"}
-    assert flat.early_stopping["type"] == vertex.early_stopping["type"] == "median"
+        "eval_frequency": "50", "log_frequency": "50"}
+    # Vertex has no successive halving: its sample keeps Vertex's median rule.
+    assert flat.early_stopping == {"type": "successive_halving", "min_resource": 50, "reduction_factor": 3}
+    assert vertex.early_stopping["type"] == "median"
     study.check_against_trainer(flat)  # every sample parameter is a real trainer flag
 
 

@@ -77,8 +77,14 @@ def _setup_tensorflow(cluster):
         # keras-team/keras#20585: Keras 3's fit does not run under MultiWorkerMirroredStrategy.
         raise UserError("--backend=tensorflow trains on one host only (Keras 3 fit does not support "
                         "MultiWorkerMirroredStrategy); use --backend=jax for several hosts")
-    if len(tf.config.list_physical_devices("GPU")) > 1:
-        strategy = tf.distribute.MirroredStrategy()
-        print(f"data parallel over {strategy.num_replicas_in_sync} GPUs (MirroredStrategy)", flush=True)
+    devices = _mirrored_devices(tf)
+    if len(devices) > 1:
+        strategy = tf.distribute.MirroredStrategy(devices)
+        print(f"data parallel over {strategy.num_replicas_in_sync} devices (MirroredStrategy)", flush=True)
         return strategy.scope(), strategy.num_replicas_in_sync
     return contextlib.nullcontext(), 1
+
+
+def _mirrored_devices(tf):
+    """This host's GPUs: MirroredStrategy copies the model to each when there are several."""
+    return [f"/gpu:{i}" for i in range(len(tf.config.list_physical_devices("GPU")))]
