@@ -56,6 +56,9 @@ def parse_args(argv=None):
     p.add_argument("--digits_steps", type=int, default=300, help="training steps of the digits check")
     p.add_argument("--digits_lr", type=float, default=0.01, help="SGD learning rate of the digits check")
     p.add_argument("--save", default="", help="digits check: folder for the weights and held-out predictions")
+    p.add_argument("--data_parallel", action="store_true",
+                   help="the trainer's data-parallel set-up (trainer/distribute.py: keras.distribution DataParallel over "
+                        "every visible device; pick them with CUDA_VISIBLE_DEVICES); --batch_size is then per device")
     p.add_argument("--json", default="", help="append the result as one JSON line to this file")
     return p.parse_args(argv)
 
@@ -158,7 +161,7 @@ def measure(a):
     timed = sum(e - s for s, e in zip(timer.starts[1:], timer.ends[1:]))
     steps = per_epoch * (epochs - 1)
     result = {
-        "model_type": a.model_type, "batch_size": a.batch_size, "precision": a.precision,
+        "model_type": a.model_type, "batch_size": a.batch_size, "devices": a.devices, "precision": a.precision,
         "input": a.input, "steps_per_execution": spe, "bn_moments": a.bn_moments, "device": jax.devices()[0].device_kind,
         "img_per_s": a.batch_size * steps / timed, "step_ms": 1e3 * timed / steps,
         "first_epoch_s": first_epoch, "peak_mem_gib": peak_memory_gib(), "last_loss": float(timer.loss),
@@ -167,7 +170,7 @@ def measure(a):
     try:
         flops = train_flops_per_image(model)
         result["train_gflop_per_img"] = flops / 1e9
-        result["ceiling_share"] = result["img_per_s"] * flops / (a.peak_tflops * 1e12)
+        result["ceiling_share"] = result["img_per_s"] * flops / (a.devices * a.peak_tflops * 1e12)
     except Exception as e:  # noqa: BLE001 - a bench reports what it could measure
         print("flop count failed:", repr(e)[:300])
     if a.inference:
@@ -274,7 +277,7 @@ def digits_check(a):
     probabilities = np.exp(logits - logits.max(-1, keepdims=True))
     probabilities /= probabilities.sum(-1, keepdims=True)
     accuracy = float(np.mean(np.argmax(probabilities, -1) == labels[held_out]))
-    print(f"digits {a.model_type} {a.precision} {keras.backend.backend()} lr {a.digits_lr}: mean loss of each "
+    print(f"digits {a.model_type} {a.precision} {keras.backend.backend()} devices {a.devices} lr {a.digits_lr}: mean loss of each "
           f"10 steps: {losses}; held-out accuracy after {blocks * 10} steps {accuracy:.4f}")
     if a.save:
         os.makedirs(a.save, exist_ok=True)
@@ -288,14 +291,20 @@ def digits_check(a):
 
 def main(argv=None):
     a = parse_args(argv)
+    a.devices = 1
+    if a.data_parallel:
+        from trainer import distribute
+
+        _, a.devices = distribute.setup("jax", distribute.Cluster((), 0))
+        a.batch_size *= a.devices
     result = digits_check(a) if a.digits else measure(a)
     if a.json:
         with open(a.json, "a") as f:
             f.write(json.dumps(result) + "\n")
     if a.digits:
         return
-    print("| model | batch | precision | input | spe | img/s | step ms | peak GiB | GFLOP/img | ceiling | infer img/s |")
-    print(f"| {result['model_type']} {result['bn_moments']} | {result['batch_size']} | {result['precision']} | {result['input']} "
+    print("| model | devices | batch | precision | input | spe | img/s | step ms | peak GiB | GFLOP/img | ceiling | infer img/s |")
+    print(f"| {result['model_type']} {result['bn_moments']} | {result['devices']} | {result['batch_size']} | {result['precision']} | {result['input']} "
           f"| {result['steps_per_execution']} | {result['img_per_s']:.0f} | {result['step_ms']:.1f} "
           f"| {result['peak_mem_gib']:.1f} | {result.get('train_gflop_per_img', float('nan')):.2f} "
           f"| {100 * result.get('ceiling_share', float('nan')):.1f}% "
