@@ -5,9 +5,9 @@ The cluster comes from TF_CONFIG (TensorFlow's convention) or CLUSTER_SPEC
 cluster. Each backend's own engine does the work:
   * JAX: keras.distribution (initialize() for several processes, then
     DataParallel over every device);
-  * TensorFlow: MirroredStrategy for several local GPUs. Several hosts need
-    JAX: Keras 3's fit does not run under MultiWorkerMirroredStrategy
-    (keras-team/keras#20585), so that case is refused with a clear error.
+  * TensorFlow: MirroredStrategy for several local GPUs;
+    MultiWorkerMirroredStrategy for several processes (prepare_fit works
+    around the two places where Keras 3's fit breaks under it).
 --train_batch_size stays the global batch. Only the chief (process 0) writes
 checkpoints, metrics and the export.
 """
@@ -74,15 +74,46 @@ def _setup_tensorflow(cluster):
     import tensorflow as tf
 
     if len(cluster.addresses) > 1:
-        # keras-team/keras#20585: Keras 3's fit does not run under MultiWorkerMirroredStrategy.
-        raise UserError("--backend=tensorflow trains on one host only (Keras 3 fit does not support "
-                        "MultiWorkerMirroredStrategy); use --backend=jax for several hosts")
+        # Every process is a "worker", chief first, whichever variable named the cluster.
+        resolver = tf.distribute.cluster_resolver.SimpleClusterResolver(
+            tf.train.ClusterSpec({"worker": list(cluster.addresses)}), task_type="worker", task_id=cluster.index,
+            rpc_layer="grpc")
+        strategy = tf.distribute.MultiWorkerMirroredStrategy(cluster_resolver=resolver)
+        print(f"data parallel over {strategy.num_replicas_in_sync} devices in {len(cluster.addresses)} process(es) "
+              "(MultiWorkerMirroredStrategy)", flush=True)
+        return strategy.scope(), strategy.num_replicas_in_sync
     devices = _mirrored_devices(tf)
     if len(devices) > 1:
         strategy = tf.distribute.MirroredStrategy(devices)
         print(f"data parallel over {strategy.num_replicas_in_sync} devices (MirroredStrategy)", flush=True)
         return strategy.scope(), strategy.num_replicas_in_sync
     return contextlib.nullcontext(), 1
+
+
+def prepare_fit(model, batch_spec):
+    """Under MultiWorkerMirroredStrategy, lets Keras 3.15's fit run (keras-team/keras#20585); else does nothing.
+
+    Call it in the strategy's scope, after compile. Keras breaks in two places:
+    before the first step it averages a real input batch over the workers to
+    trace the model (a uint8 batch cannot be averaged), and after each step it
+    averages the scalar logs along an axis 0 they do not have. So the model,
+    loss and optimizer are built here from the batch's spec, Keras' own build
+    is skipped, and the steps return their logs with a leading axis of 1 (the
+    logs are already equal on every worker; averaging keeps them).
+    """
+    import keras
+
+    if keras.config.backend() != "tensorflow":
+        return
+    import tensorflow as tf
+
+    if not isinstance(tf.distribute.get_strategy(), tf.distribute.MultiWorkerMirroredStrategy):
+        return
+    model._symbolic_build(data_batch=batch_spec)
+    model._maybe_symbolic_build = lambda *args, **kwargs: None
+    for name in ("train_step", "test_step"):
+        step = getattr(model, name)
+        setattr(model, name, lambda data, step=step: {key: tf.reshape(value, [1]) for key, value in step(data).items()})
 
 
 def _mirrored_devices(tf):

@@ -69,6 +69,11 @@ def run(c, job_dir):
         report.write_json(os.path.join(job_dir, "config.json"), {**c.to_dict(), "job_dir": job_dir})
         report.write_atomic(os.path.join(job_dir, "labels.txt"), "".join(f"{name}\n" for name in class_names))
 
+    start_step = state.get("step", 0)
+    train_ds = data.training_dataset(
+        train_source, train_scan, fmt, c.train_batch_size, c.image_size, c.num_classes,
+        c.seed, c.random_crop_min_area, c.random_flip, start_step,
+    )
     with scope:
         imagenet = c.pretrained_checkpoint_path == "imagenet"
         model = models.build_model(c.model_type, c.num_classes, c.image_size, c.weight_decay, seed=c.seed, imagenet=imagenet)
@@ -78,21 +83,17 @@ def run(c, job_dir):
         models.compile_classifier(model, optimizer, c.num_classes, c.label_smoothing, c.multi_label)
         if state:
             store.restore(model, state)
-    start_step = state.get("step", 0)
+        distribute.prepare_fit(model, train_ds.element_spec)
     if start_step:
         report.say(f"resuming from the checkpoint at step {start_step}")
 
-    train_ds = data.training_dataset(
-        train_source, train_scan, fmt, c.train_batch_size, c.image_size, c.num_classes,
-        c.seed, c.random_crop_min_area, c.random_flip, start_step,
-    )
     eval_ds, num_eval = data.eval_dataset(eval_source, eval_scan, fmt, c.eval_batch_size, c.image_size, c.num_classes,
                                           c.num_eval_images, c.seed)
     evaluate = functools.partial(
         evaluate_model, dataset=eval_ds, batch_size=c.eval_batch_size, multi_label=c.multi_label,
         threshold=c.multi_label_threshold, class_names=class_names if c.eval_each_category else None,
     )
-    # Saving weights is a collective step on several JAX hosts: every process
+    # Saving weights is a collective step on several hosts: every process
     # saves, but only the chief's files land in the job-dir.
     out_dir = job_dir if cluster.is_chief else tempfile.mkdtemp(prefix=f"worker{cluster.index}-")
     out_paths = paths if cluster.is_chief else {name: os.path.join(out_dir, name) for name in ("model", "checkpoints", "logs")}
