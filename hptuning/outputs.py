@@ -5,6 +5,7 @@ storage, so every worker of a distributed study writes the whole picture.
 """
 
 import csv
+import io
 import json
 import os
 import warnings
@@ -33,25 +34,36 @@ def retried_numbers(trials):
 
 
 def unretried_failures(trials):
+    """Failed trials that count against max_failed_trial_count (an interrupted one runs again instead)."""
     retried = retried_numbers(trials)
-    return [t for t in trials if t.state == TrialState.FAIL and t.number not in retried]
+    return [t for t in trials
+            if t.state == TrialState.FAIL and t.number not in retried and not t.user_attrs.get("interrupted")]
+
+
+def _write_atomic(path, text):
+    """A reader, or a driver killed mid-write, sees the old file or the new one, never half of one."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", newline="") as f:
+        f.write(text)
+    os.replace(tmp, path)
 
 
 def write_csv(path, trials, spec):
     names = [p.name for p in params_lib.walk(spec.parameters)]
     names = list(dict.fromkeys(names))
     header = ["number", "state", "value", "duration_s", "last_step", *names, "job_dir", "worker", "retry_of", "failure"]
-    with open(path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(header)
-        for t in trials:
-            seconds = duration(t)
-            writer.writerow([
-                t.number, t.state.name, "" if t.value is None else t.value,
-                "" if seconds is None else round(seconds, 1), _attr(t, "last_step"),
-                *[t.params.get(name, "") for name in names], _attr(t, "job_dir"), _attr(t, "worker"),
-                (t.system_attrs.get("retry_history") or [""])[-1], _attr(t, "failure"),
-            ])
+    text = io.StringIO()
+    writer = csv.writer(text)
+    writer.writerow(header)
+    for t in trials:
+        seconds = duration(t)
+        writer.writerow([
+            t.number, t.state.name, "" if t.value is None else t.value,
+            "" if seconds is None else round(seconds, 1), _attr(t, "last_step"),
+            *[t.params.get(name, "") for name in names], _attr(t, "job_dir"), _attr(t, "worker"),
+            (t.system_attrs.get("retry_history") or [""])[-1], _attr(t, "failure"),
+        ])
+    _write_atomic(path, text.getvalue())
 
 
 def _attr(trial, key):
@@ -81,9 +93,7 @@ def write_best(path, study, trials, spec, storage_shown):
         job_dir = _attr(best, "job_dir")
         summary.update(best_trial=best.number, value=best.value, params=best.params, job_dir=job_dir,
                        worker=_attr(best, "worker"), model_path=os.path.join(job_dir, "model") if job_dir else "")
-    with open(path, "w") as f:
-        json.dump(summary, f, indent=2, sort_keys=True)
-        f.write("\n")
+    _write_atomic(path, json.dumps(summary, indent=2, sort_keys=True) + "\n")
     return best
 
 

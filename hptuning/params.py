@@ -71,7 +71,8 @@ def make_param(name, kind, where, keys, low=None, high=None, scale="linear", val
             default = _number(default, f"{where}.{keys['default']}", kind)
             if not low <= default <= high:
                 raise UserError(f"{where}.{keys['default']}: {default} lies outside [{low}, {high}]")
-        return Param(name, kind, low, high, scale == "log", (), default, tuple(children))
+        children = _check_parents(kind, low, high, (), children, where)
+        return Param(name, kind, low, high, scale == "log", (), default, children)
     if not isinstance(values, list) or not values:
         raise UserError(f"{where}: a {kind} parameter needs a non-empty list {keys['values']}")
     if kind == "discrete":
@@ -81,7 +82,46 @@ def make_param(name, kind, where, keys, low=None, high=None, scale="linear", val
         raise UserError(f"{where}.{keys['values']}: {values} lists a value twice")
     if default is not None and default not in values:
         raise UserError(f"{where}.{keys['default']}: {default!r} is not one of {values}")
-    return Param(name, kind, values=tuple(values), default=default, children=tuple(children))
+    children = _check_parents(kind, None, None, values, children, where)
+    return Param(name, kind, values=tuple(values), default=default, children=children)
+
+
+def _check_parents(kind, low, high, values, children, where):
+    """Each condition's parent values, as the parent's own values (Vertex writes integers as strings).
+
+    A value the parent can never take would leave its parameters silently untuned.
+    """
+    checked = []
+    for parent_values, params in children:
+        if kind == "double":
+            raise UserError(f"{where}: conditional parameters need a categorical, discrete or integer parent, "
+                            f"not a double range")
+        if kind == "categorical":
+            parent_values = tuple(str(v) if not isinstance(v, str) and str(v) in values else v for v in parent_values)
+        else:
+            parent_values = tuple(_number(v, f"{where} (a parent value)", "double" if kind == "discrete" else kind)
+                                  for v in parent_values)
+            parent_values = tuple(int(v) if float(v).is_integer() else v for v in parent_values)
+        for value in parent_values:
+            possible = low <= value <= high if kind == "integer" else value in values
+            if not possible:
+                can_take = f"[{int(low)}, {int(high)}]" if kind == "integer" else list(values)
+                raise UserError(f"{where}: conditional parameters wait for the value {value!r}, "
+                                f"which the parameter never takes ({can_take})")
+        checked.append((parent_values, params))
+    return tuple(checked)
+
+
+def check_consistent(params):
+    """A name under several parents must fit one Optuna distribution: the same kind and scale, and
+    for choices the same list (ranges may differ, as the learning rate per optimizer does)."""
+    seen = {}
+    for param in walk(params):
+        ranged = param.kind in ("double", "integer")
+        shape = (param.kind, param.log) if ranged else ("choices", param.values)
+        if seen.setdefault(param.name, shape) != shape:
+            raise UserError(f"parameter {param.name}: appears twice with a different type, scale or list of values; "
+                            f"Optuna needs them equal (a double or integer range may differ)")
 
 
 def parse_flat(parameters, where="parameters"):
@@ -179,6 +219,8 @@ def check_against_flags(params, flag_types, reserved):
                             f"use {'integer' if flag_type == 'int' else 'categorical'}")
         if param.kind == "integer" and flag_type not in ("int", "float"):
             raise UserError(f"parameter {param.name}: an integer range for a {flag_type} flag; use categorical")
+        if param.kind == "discrete" and flag_type == "int" and any(not isinstance(v, int) for v in param.values):
+            raise UserError(f"parameter {param.name}: an int flag; its values {list(param.values)} must be integers")
 
 
 def suggest(trial, params):

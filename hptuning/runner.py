@@ -8,6 +8,7 @@ value is its best evaluation (or its last, with measurement: last).
 
 import ctypes
 import json
+import math
 import os
 import signal
 import socket
@@ -21,6 +22,10 @@ LOG_FILE = "trainer.log"
 TERMINATE_GRACE_SECONDS = 30  # SIGTERM first, SIGKILL if the trainer has not exited by then
 _PR_SET_PDEATHSIG = 1
 _print_lock = threading.Lock()
+# Set when the driver is told to stop (Ctrl-C, SIGTERM): every running trial stops its
+# trainer and is marked interrupted, to run again when the study resumes.
+STOP = threading.Event()
+INTERRUPTED = "interrupted: the study driver was stopped; the trial runs again when the study resumes"
 
 
 class TrialFailed(Exception):
@@ -40,11 +45,17 @@ def trial_dir(job_dir, number):
     return os.path.join(job_dir, f"trial-{number:04d}")
 
 
+def is_builtin_trainer(spec):
+    return tuple(spec.trainer_command[1:]) == ("-m", "trainer.task")
+
+
 def trainer_argv(spec, job_dir, params):
     """Flag file first, then the fixed flags, then the trial's: absl lets the last one win."""
     argv = list(spec.trainer_command)
     if spec.flagfile:
         argv.append(f"--flagfile={spec.flagfile}")
+    if is_builtin_trainer(spec):
+        argv.append(f"--hyperparameter_metric_tag={spec.metric}")  # the metric its metrics file reports
     argv += [f"--{name}={value}" for name, value in spec.trainer_flags]
     argv += [f"--{name}={_flag_value(value)}" for name, value in params.items()]
     argv.append(f"--job-dir={job_dir}")
@@ -100,7 +111,7 @@ def run_trial(trial, spec, job_dir, params, poll_seconds):
     metrics_path = os.path.join(out, METRICS_FILE)
     if os.path.exists(metrics_path):
         os.remove(metrics_path)
-    for stale in ("failure", "killed_by_signal", "last_step"):  # a retry inherits its failed twin's attrs
+    for stale in ("failure", "killed_by_signal", "last_step", "interrupted"):  # a retry inherits its failed twin's attrs
         if trial.user_attrs.get(stale) is not None:
             trial.set_user_attr(stale, None)
     trial.set_user_attr("job_dir", os.path.abspath(out))
@@ -109,11 +120,14 @@ def run_trial(trial, spec, job_dir, params, poll_seconds):
     reader = MetricsReader(metrics_path, spec.metric)
     reported = []
     with open(os.path.join(out, LOG_FILE), "ab") as log:
+        # Its own session: Ctrl-C reaches the driver alone, which stops the trainers itself.
         proc = subprocess.Popen(trainer_argv(spec, out, params), env=env, stdout=log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
+                                stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent, start_new_session=True)
         try:
             finished = False
             while not finished:
+                if STOP.is_set():
+                    raise KeyboardInterrupt
                 finished = _wait(proc, poll_seconds)
                 for step, value in reader.new_values():
                     reported.append((step, value))
@@ -122,8 +136,11 @@ def run_trial(trial, spec, job_dir, params, poll_seconds):
                     if trial.should_prune():
                         _stop(proc)
                         raise optuna.TrialPruned(f"pruned at step {step}: {spec.metric}={value:.4f}")
-        except BaseException:
+        except BaseException as e:
             _stop(proc)  # pruned, or the driver is interrupted: the trainer goes too
+            if isinstance(e, KeyboardInterrupt):
+                trial.set_user_attr("interrupted", True)
+                trial.set_user_attr("failure", INTERRUPTED)
             raise
     return _result(trial, proc.returncode, reported, reader, spec, out)
 
@@ -161,7 +178,11 @@ def _result(trial, returncode, reported, reader, spec, out):
         reason = f"the trainer reported no {spec.metric!r} values (its metrics file has: {seen})"
         trial.set_user_attr("failure", reason)
         raise TrialFailed(reason)
-    values = [value for _, value in reported]
+    values = [value for _, value in reported if not math.isnan(value)]
+    if not values:
+        reason = f"every {spec.metric!r} value the trainer reported was NaN (did the training diverge?)"
+        trial.set_user_attr("failure", reason)
+        raise TrialFailed(reason)
     if spec.measurement == "last":
         return values[-1]
     return max(values) if spec.goal == "maximize" else min(values)

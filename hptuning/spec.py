@@ -146,6 +146,7 @@ def _finish(raw, metric, goal, measurement, parameters, max_trials, parallel, ma
         raise UserError(f"measurement: {measurement!r}; valid: {', '.join(MEASUREMENTS)}")
     if not isinstance(metric, str) or not metric:
         raise UserError(f"metric: expected a metric name like top_1_accuracy, got {metric!r}")
+    params_lib.check_consistent(parameters)
     sampler = _settings("sampler", sampler, SAMPLERS)
     if max_trials is None and sampler["type"] != "grid":
         raise UserError("max_trial_count (maxTrialCount): missing; how many trials should the study run?")

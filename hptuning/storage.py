@@ -156,6 +156,18 @@ def fail_dead_local_trials(study, storage):
             yield trial.number
 
 
+def requeue_interrupted(study):
+    """Queues again the trials a stopped driver interrupted (they count as no failure)."""
+    from hptuning.outputs import retried_numbers
+
+    trials = study.get_trials(deepcopy=False)
+    retried = retried_numbers(trials)
+    for trial in trials:
+        if trial.state == TrialState.FAIL and trial.user_attrs.get("interrupted") and trial.number not in retried:
+            retry_callback()(study, trial)
+            yield trial.number
+
+
 def _driver_alive(pid):
     if not os.path.isdir("/proc"):
         try:

@@ -9,6 +9,8 @@ exit status 2; a study stopped by max_failed_trial_count exits with 1.
 
 import logging
 import os
+import random
+import signal
 import sys
 import warnings
 
@@ -45,6 +47,18 @@ def trainer_flag_types():
 
 def check_against_trainer(spec):
     known = trainer_flag_types()
+    if runner.is_builtin_trainer(spec):
+        from trainer.config import TUNABLE_METRICS
+
+        metrics = list(dict.fromkeys(m for task in TUNABLE_METRICS.values() for m in task))
+        if spec.metric not in metrics:
+            raise UserError(f"metric: the trainer does not report {spec.metric!r}; valid: {', '.join(metrics)}")
+        if spec.goal != "maximize":
+            raise UserError(f"goal: {spec.metric} is higher-is-better, as every metric the trainer reports; use maximize")
+        tag = dict(spec.trainer_flags).get("hyperparameter_metric_tag")
+        if tag is not None and tag != spec.metric:
+            raise UserError(f"trainer_flags.hyperparameter_metric_tag: {tag} differs from the study's metric "
+                            f"{spec.metric}; leave it out (the driver passes the study's metric)")
     params_lib.check_against_flags(spec.parameters, known, RESERVED_FLAGS)
     for name, _ in spec.trainer_flags:
         if name in RESERVED_FLAGS:
@@ -100,7 +114,22 @@ class Progress:
                             f"{self.spec.max_failed_trial_count}); the last, trial {last.number}: "
                             f"{last.user_attrs.get('failure') or 'its worker was killed'}")
             return True
-        return outputs.count(trials, TrialState.COMPLETE, TrialState.PRUNED) >= self.spec.max_trial_count
+        # Trials running here or on other workers count too: together they must not pass max_trial_count.
+        started = outputs.count(trials, TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
+        return started >= self.spec.max_trial_count
+
+
+def _sampler_seed(settings, study, lone):
+    """The config's seed for a new study in one process (reproducible), a seed derived from it otherwise.
+
+    A sampler rebuilt with the same seed replays the same random draws, so a
+    resumed study, or a second worker, would rerun the configurations already tried.
+    """
+    trials = len(study.get_trials(deepcopy=False))
+    if lone and not trials:
+        return settings
+    worker = "" if lone else runner.worker_id()
+    return {**settings, "seed": random.Random(f"{settings['seed']}:{trials}:{worker}").randrange(2**31)}
 
 
 def run_study(spec, job_dir, storage_url, study_name, heartbeat_interval=60, poll_seconds=1.0, callbacks=()):
@@ -108,12 +137,18 @@ def run_study(spec, job_dir, storage_url, study_name, heartbeat_interval=60, pol
     sampler = algorithms.make_sampler(spec.sampler, spec.parameters)
     pruner = algorithms.make_pruner(spec.early_stopping)
     os.makedirs(job_dir, exist_ok=True)
-    lock = storage_lib.lock_sqlite(storage_url)  # noqa: F841 -- held until the process ends
+    lock = storage_lib.lock_sqlite(storage_url)  # held until the process ends
     storage = storage_lib.open_storage(storage_url, heartbeat_interval)
     study = storage_lib.open_study(storage, study_name, spec, sampler, pruner)
     shown = storage_lib.shown(storage_url)
     for number in storage_lib.fail_dead_local_trials(study, storage):
         runner.say(f"trial {number}: its driver process was killed; it runs again as a new trial")
+    optuna.storages.fail_stale_trials(study)  # workers on other hosts that stopped beating; retried
+    for number in storage_lib.requeue_interrupted(study):
+        runner.say(f"trial {number} was interrupted; it runs again as a new trial")
+    if "seed" in spec.sampler:
+        study.sampler = algorithms.make_sampler(_sampler_seed(spec.sampler, study, lone=lock is not None),
+                                                spec.parameters)
     defaults = params_lib.defaults(spec.parameters)
     if defaults and not study.get_trials(deepcopy=False):
         study.enqueue_trial(defaults, skip_if_exists=True)
@@ -128,20 +163,22 @@ def run_study(spec, job_dir, storage_url, study_name, heartbeat_interval=60, pol
         return runner.run_trial(trial, spec, job_dir, params, poll_seconds)
 
     ran = False
-    # Failed trials do not count towards max_trial_count, so one optimize() may not be enough.
-    while not progress.over_limits(study):
-        running = len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))  # on other workers
-        remaining = spec.max_trial_count - _finished(study) - running
-        if remaining <= 0:
-            break
-        ran, before = True, len(study.get_trials(deepcopy=False))
-        study.optimize(objective, n_trials=remaining, n_jobs=min(spec.parallel_trial_count, remaining),
-                       catch=(runner.TrialFailed,), callbacks=[progress, *callbacks])
-        if not any(t.state == TrialState.FAIL for t in study.get_trials(deepcopy=False)[before:]):
-            break  # done, or stopped by a callback; only failed trials leave trials to make up
+    try:
+        # Failed trials do not count towards max_trial_count, so one optimize() may not be enough.
+        while not progress.over_limits(study):
+            running = len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))  # on other workers
+            remaining = spec.max_trial_count - _finished(study) - running
+            ran, before = True, len(study.get_trials(deepcopy=False))
+            study.optimize(objective, n_trials=remaining, n_jobs=min(spec.parallel_trial_count, remaining),
+                           catch=(runner.TrialFailed,), callbacks=[progress, *callbacks])
+            if not any(t.state == TrialState.FAIL for t in study.get_trials(deepcopy=False)[before:]):
+                break  # done, or stopped by a callback; only failed trials leave trials to make up
+    finally:  # interrupted too: the outputs show what finished
+        runner.say(outputs.write_all(study, spec, job_dir, shown))
     if not ran and progress.failure is None:
-        runner.say(f"study {study_name!r} already has {_finished(study)} finished trials; nothing to run")
-    runner.say(outputs.write_all(study, spec, job_dir, shown))
+        running = len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
+        runner.say(f"study {study_name!r} already has {_finished(study)} finished trials"
+                   f"{f' and {running} running on other workers' if running else ''}; nothing to run here")
     if progress.failure:
         print(f"error: {progress.failure}", file=sys.stderr, flush=True)
         return 1
@@ -163,13 +200,32 @@ class _NoTraceback(logging.Formatter):
         return f"optuna {record.levelname.lower()}: {record.getMessage()}"
 
 
+def _stop_trials(signum, frame):
+    """Ctrl-C or SIGTERM: every running trial stops its trainer, and the study can resume later."""
+    runner.STOP.set()
+    raise KeyboardInterrupt
+
+
+def _check_flags(values):
+    for name in ("parallel_trial_count", "max_trial_count"):
+        if values[name].value < 0:
+            raise UserError(f"--{name}={values[name].value}: expected a positive integer (0 or absent: the config's)")
+    if values.heartbeat_interval < 1:
+        raise UserError(f"--heartbeat_interval={values.heartbeat_interval}: expected at least 1 second")
+    if not values.poll_seconds > 0:
+        raise UserError(f"--poll_seconds={values.poll_seconds}: expected a positive number of seconds")
+
+
 def main(argv=None):
     parse_command_line(FLAGS, argv)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _stop_trials)
     quiet_optuna()
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     try:
         if not FLAGS.study_config:
             raise UserError("--study_config is required (a study YAML, e.g. sample_configs/hptuning/digits.yaml)")
+        _check_flags(FLAGS)
         spec = spec_lib.load(FLAGS.study_config)
         check_against_trainer(spec)
         overrides = {k: FLAGS[k].value for k in ("parallel_trial_count", "max_trial_count") if FLAGS[k].value > 0}

@@ -6,6 +6,7 @@ import fcntl
 import json
 import os
 import signal
+import subprocess
 
 import pytest
 
@@ -148,6 +149,8 @@ def test_unreachable_storage_is_one_error_and_no_trial(tmp_path, storage, fragme
      ["parameter learning_rate: not a trainer flag"]),
     ({"parameters": {"initial_learning_rate": {"type": "real", "min": 0.1, "max": 1}}},
      ["parameters.initial_learning_rate.type", "double, integer"]),
+    ({"parameters": {"train_batch_size": {"type": "discrete", "values": [32, 32.5]}}},
+     ["parameter train_batch_size: an int flag", "must be integers"]),
 ])
 def test_bad_config_is_one_error_line_before_any_trial(tmp_path, overrides, fragments):
     job_dir = tmp_path / "sweep"
@@ -162,3 +165,67 @@ def test_resuming_with_a_different_search_space_is_refused(tmp_path):
     assert run_driver(write_config(tmp_path, max_trial_count=1), job_dir).returncode == 0
     changed = write_config(tmp_path, max_trial_count=1, goal="minimize")
     assert_one_error_line(run_driver(changed, job_dir), "different goal", "--study_name")
+
+
+def test_a_resumed_seeded_study_tries_new_configurations(tmp_path):
+    # A sampler rebuilt with the same seed would replay the first trials' draws.
+    config = write_config(tmp_path, max_trial_count=3)
+    job_dir = str(tmp_path / "sweep")
+    assert run_driver(config, job_dir).returncode == 0
+    more = run_driver(config, job_dir, "--max_trial_count=6")
+    assert more.returncode == 0, more.stderr
+    rates = [t["initial_learning_rate"] for t in read_trials(job_dir)]
+    assert len(rates) == 6 and len(set(rates)) == 6
+
+
+def test_interrupting_the_driver_stops_its_trainers_and_the_rerun_finishes_the_study(tmp_path):
+    config = write_config(tmp_path, max_trial_count=3, max_failed_trial_count=1)
+    job_dir, log = str(tmp_path / "sweep"), str(tmp_path / "runs.log")
+    driver = start_driver(config, job_dir, "--parallel_trial_count=2", env=driver_env(FAKE_BLOCK="0,1", FAKE_RUN_LOG=log))
+    for number in (0, 1):
+        _wait_for_first_evaluation(os.path.join(job_dir, f"trial-{number:04d}", "hypertune.metrics"), driver)
+    driver.send_signal(signal.SIGINT)  # as Ctrl-C does; the trainers sleep for a minute unless stopped
+    out, err = driver.communicate(timeout=50)
+    assert driver.returncode == 2
+    assert_one_error_line(subprocess.CompletedProcess([], 2, out, err), "interrupted", "run the same command again")
+    for _, pid in run_log_pids(log):
+        assert not os.path.exists(f"/proc/{pid}")  # stopped and reaped by the driver
+    trials = read_trials(job_dir)
+    assert [t["state"] for t in trials] == ["FAIL", "FAIL"]
+    assert all(t["failure"].startswith("interrupted") for t in trials)
+
+    # Interruptions are no failures (max_failed_trial_count is 1): both trials run again.
+    again = run_driver(config, job_dir, env=driver_env(FAKE_RUN_LOG=log))
+    assert again.returncode == 0, again.stderr
+    assert "trial 0 was interrupted; it runs again as a new trial" in again.stdout
+    trials = read_trials(job_dir)
+    assert sorted(t["retry_of"] for t in trials if t["retry_of"]) == ["0", "1"]
+    assert sum(t["state"] == "COMPLETE" for t in trials) == 3
+
+
+def test_a_trial_that_reports_only_nan_fails_with_the_reason(tmp_path):
+    config = write_config(tmp_path, max_trial_count=2)
+    job_dir = str(tmp_path / "sweep")
+    result = run_driver(config, job_dir, env=driver_env(FAKE_NAN="0"))
+    assert result.returncode == 0, result.stderr
+    trials = {int(t["number"]): t for t in read_trials(job_dir)}
+    assert trials[0]["state"] == "FAIL" and "was NaN" in trials[0]["failure"]
+    assert "trial 0 failed: every 'top_1_accuracy' value the trainer reported was NaN" in result.stdout
+
+
+@pytest.mark.parametrize("overrides, flags, fragments", [
+    ({"metric": "val_loss"}, [], ["metric: the trainer does not report 'val_loss'", "top_1_accuracy"]),
+    ({"goal": "minimize"}, [], ["goal:", "use maximize"]),
+    ({}, ["--heartbeat_interval=0"], ["--heartbeat_interval=0", "at least 1"]),
+    ({}, ["--max_trial_count=-2"], ["--max_trial_count=-2", "positive integer"]),
+])
+def test_settings_the_trainer_cannot_meet_are_one_error_line(tmp_path, overrides, flags, fragments):
+    job_dir = tmp_path / "sweep"
+    config = write_config(tmp_path, trainer_command=None, trainer_flags={}, **overrides)  # the real trainer.task
+    result = run_driver(config, str(job_dir), *flags)
+    assert_one_error_line(result, *fragments)
+    assert not job_dir.exists()
+
+
+def run_log_pids(path):
+    return [tuple(map(int, line.split())) for line in open(path)]

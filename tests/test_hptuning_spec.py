@@ -69,6 +69,44 @@ def test_conditional_parameters_follow_their_parent():
     assert all(0.0003 <= lr <= 0.03 for lr in seen["adam"])
 
 
+def _under(parent, parent_values, child):
+    return {**parent, "conditional": [{"parent_values": parent_values, "parameters": child}]}
+
+
+LR = {"initial_learning_rate": {"type": "double", "min": 0.01, "max": 1, "scale": "log"}}
+OPTIMIZERS = {"type": "categorical", "values": ["momentum", "adam"]}
+
+
+@pytest.mark.parametrize("param, fragments", [
+    # A parent value the parameter never takes would leave the child silently untuned.
+    (_under(OPTIMIZERS, ["momentun"], LR), ["parameters.x", "'momentun'", "never takes", "momentum"]),
+    (_under({"type": "integer", "min": 0, "max": 3}, [7], LR), ["value 7", "[0, 3]"]),
+    (_under({"type": "double", "min": 0, "max": 1}, [0.5], LR), ["need a categorical, discrete or integer parent"]),
+    # One name, two kinds of distribution: Optuna cannot hold both in one study.
+    ({**OPTIMIZERS, "conditional": [
+        {"parent_values": ["momentum"], "parameters": {"train_batch_size": {"type": "discrete", "values": [32, 64]}}},
+        {"parent_values": ["adam"], "parameters": {"train_batch_size": {"type": "discrete", "values": [16, 32]}}}]},
+     ["parameter train_batch_size: appears twice"]),
+])
+def test_bad_conditions_are_refused(tmp_path, param, fragments):
+    with pytest.raises(UserError) as e:
+        load_dict(tmp_path, minimal(parameters={"x": param}))
+    for fragment in fragments:
+        assert fragment in str(e.value)
+
+
+def test_vertex_integer_parent_values_written_as_strings_switch_their_children_on(tmp_path):
+    # Vertex's REST form writes int64 values as strings: "1" must match the integer 1.
+    child = {"parameterId": "initial_learning_rate", "doubleValueSpec": {"minValue": 0.01, "maxValue": 0.1}}
+    parent = {"parameterId": "warmup_steps", "integerValueSpec": {"minValue": "1", "maxValue": "1"},
+              "conditionalParameterSpecs": [{"parentIntValues": {"values": ["1"]}, "parameterSpec": child}]}
+    config = {"maxTrialCount": 2, "studySpec": {"metrics": [{"metricId": "top_1_accuracy", "goal": "MAXIMIZE"}],
+                                                "parameters": [parent]}}
+    spec = load_dict(tmp_path, config)
+    chosen = params_lib.suggest(optuna.create_study().ask(), spec.parameters)
+    assert chosen["warmup_steps"] == 1 and 0.01 <= chosen["initial_learning_rate"] <= 0.1
+
+
 @pytest.mark.parametrize("text, fragments", [
     ("parameters: [unclosed", ["not valid YAML", "line 1"]),
     ("- just\n- a list\n", ["expected a mapping"]),

@@ -3,7 +3,7 @@ the real trainer's contract (flags in, hypertune metrics lines out), study
 configs that use it, and a way to run `python -m hptuning.study`.
 
 The fake's behaviour per trial is steered by environment variables the driver
-passes through: FAKE_CRASH / FAKE_SIGKILL / FAKE_BLOCK list trial numbers;
+passes through: FAKE_CRASH / FAKE_SIGKILL / FAKE_BLOCK / FAKE_NAN list trial numbers;
 FAKE_BLOCK_BELOW blocks every trial whose accuracy is below it; FAKE_RUN_LOG
 collects one line per trainer start.
 """
@@ -33,6 +33,8 @@ if listed("FAKE_CRASH"):
     sys.exit(2)
 lr = float(flags.get("initial_learning_rate", 0.1))
 accuracy = max(0.0, 1 - abs(math.log10(lr) + 1) / 3)  # best at lr = 0.1
+if listed("FAKE_NAN"):
+    accuracy = float("nan")  # a diverged run
 steps = int(flags.get("max_steps", 3))
 os.makedirs(os.path.join(flags["job-dir"], "model"), exist_ok=True)
 for step in range(1, steps + 1):
