@@ -15,6 +15,7 @@ from trainer.distribute import Cluster, cluster_from_env
 
 @pytest.mark.parametrize("env, expected", [
     ({}, Cluster((), 0)),
+    ({"TF_CONFIG": "{}"}, Cluster((), 0)),
     ({"TF_CONFIG": json.dumps({"cluster": {"chief": ["a:1"], "worker": ["b:2", "c:3"]}, "task": {"type": "worker", "index": 1}})},
      Cluster(("a:1", "b:2", "c:3"), 2)),
     ({"TF_CONFIG": json.dumps({"cluster": {"worker": ["a:1", "b:2"]}, "task": {"type": "worker", "index": 0}})},
@@ -28,9 +29,14 @@ def test_cluster_from_environment(env, expected):
     assert got.is_chief == (expected.index == 0)
 
 
-def test_malformed_cluster_spec_names_the_variable():
+@pytest.mark.parametrize("raw", [
+    "{not json",
+    json.dumps({"cluster": {"worker": ["a:1", "b:2"]}, "task": {"type": "worker", "index": 5}}),
+    json.dumps({"cluster": {"worker": ["a:1"]}, "task": {"type": "evaluator", "index": 0}}),
+])
+def test_malformed_cluster_spec_names_the_variable(raw):
     with pytest.raises(UserError, match="TF_CONFIG is not a valid cluster spec"):
-        cluster_from_env({"TF_CONFIG": "{not json"})
+        cluster_from_env({"TF_CONFIG": raw})
 
 
 def free_ports(count):
@@ -62,11 +68,15 @@ def test_two_processes_train_one_model_and_only_the_chief_writes(tmp_path, backe
     job = tmp_path / "job"
     workers = [f"127.0.0.1:{p}" for p in free_ports(2)]
     flags = tiny_flags(train, train, str(job), backend=backend, log_frequency=1)
-    processes = [start_trainer(flags, cluster_env(workers, index, tmp_path)) for index in range(2)]
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    processes = [start_trainer(flags, {**cluster_env(workers, index, tmp_path), "TMPDIR": str(scratch)})
+                 for index in range(2)]
     outputs = [p.communicate(timeout=600) for p in processes]
     for process, (out, err) in zip(processes, outputs):
         assert process.returncode == 0, err[-3000:]
         assert f"data parallel over 2 devices in 2 process(es) ({engine})" in out
+    assert not list(scratch.glob("worker1-*"))  # the worker's scratch checkpoints are removed
     losses = [[line.split("loss")[1].split()[0] for line in out.splitlines() if line.startswith("step")] for out, _ in outputs]
     assert losses[0] == losses[1] and len(losses[0]) == 4  # one model, one global batch per step
     assert (job / "model" / "saved_model.pb").exists()

@@ -118,7 +118,9 @@ def test_vertex_ai_routes_answer_like_the_tf_serving_ones(server):
 BAD_REQUESTS = [
     (b'{"instances": [', 400, "malformed JSON"),
     ({"instances": [{"b64": "not base64!"}]}, 400, "not valid base64"),
-    ({"instances": [b64(b"plain text, not an image")]}, 400, "not a JPEG, PNG, GIF or BMP image"),
+    ({"instances": [b64(b"plain text, not an image")]}, 400, "instance 0 is not a JPEG, PNG, GIF or BMP image"),
+    ({"instances": [b64(images(2)[0]), b64(b"corrupt!"), b64(images(2)[1])]}, 400,
+     "instance 1 is not a JPEG, PNG, GIF or BMP image"),
     ({"instances": ["raw string"]}, 400, '"b64"'),
     ({"instances": []}, 400, "non-empty list"),
     ({"predictions": []}, 400, '"instances" or "inputs"'),

@@ -41,12 +41,14 @@ def cluster_from_env(env=os.environ):
         # Chief first, then workers: TF's "chief"/"worker" and Vertex's "workerpool0"/"workerpool1".
         roles = [r for r in ("chief", "master", "workerpool0", "worker", "workerpool1") if r in cluster]
         addresses = tuple(address for role in roles for address in cluster[role])
-        role, index = task.get("type", roles[0] if roles else "worker"), int(task.get("index", 0))
+        if not addresses:
+            return Cluster((), 0)  # no cluster named (e.g. TF_CONFIG='{}'): a lone process
+        role, index = task.get("type", roles[0]), int(task.get("index", 0))
+        if role not in roles or not 0 <= index < len(cluster[role]):
+            raise ValueError(f"task {role!r} index {index} is not in the cluster ({', '.join(roles)})")
         offset = sum(len(cluster[r]) for r in roles[: roles.index(role)])
     except (ValueError, TypeError, AttributeError, KeyError) as e:
         raise UserError(f"{source} is not a valid cluster spec ({e}); expected JSON with 'cluster' and 'task'") from None
-    if not addresses:
-        return Cluster((), 0)
     return Cluster(addresses, offset + index)
 
 

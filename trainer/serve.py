@@ -116,12 +116,24 @@ class Batcher:
                 for item in batch:
                     self._run([item])
                 return
-            batch[0].error = BadRequest("an instance is not a JPEG, PNG, GIF or BMP image")
+            batch[0].error = BadRequest(f"{_undecodable(batch[0].images)} is not a JPEG, PNG, GIF or BMP image")
         except Exception as e:  # a model failure answers 500 instead of killing the batcher
             for item in batch:
                 item.error = BadRequest(f"prediction failed: {e}", status=500)
         for item in batch:
             item.done.set()
+
+
+def _undecodable(images):
+    """Names the first instance of a failed request that does not decode (only failed requests pay for this)."""
+    import tensorflow as tf
+
+    for index, image in enumerate(images):
+        try:
+            tf.io.decode_image(image, channels=3, expand_animations=False)
+        except tf.errors.InvalidArgumentError:
+            return f"instance {index}"
+    return "an instance"
 
 
 def _b64(instance, where):

@@ -10,6 +10,7 @@ SavedModel in model/ is exported from best.weights.h5 at the end.
 import functools
 import math
 import os
+import shutil
 import tempfile
 import time
 
@@ -105,16 +106,20 @@ def run(c, job_dir):
         "run": checkpoints.run_fingerprint(c),
     })
     progress.tensorboard = history.tensorboard
-    if start_step < c.max_steps:
-        model.fit(
-            train_ds,
-            steps_per_epoch=c.eval_frequency,
-            initial_epoch=start_step // c.eval_frequency,
-            epochs=start_step // c.eval_frequency + math.ceil((c.max_steps - start_step) / c.eval_frequency),
-            callbacks=[progress, history],
-            shuffle=False,  # the input pipeline shuffles, reproducibly
-            verbose=0,
-        )
+    try:
+        if start_step < c.max_steps:
+            model.fit(
+                train_ds,
+                steps_per_epoch=c.eval_frequency,
+                initial_epoch=start_step // c.eval_frequency,
+                epochs=start_step // c.eval_frequency + math.ceil((c.max_steps - start_step) / c.eval_frequency),
+                callbacks=[progress, history],
+                shuffle=False,  # the input pipeline shuffles, reproducibly
+                verbose=0,
+            )
+    finally:
+        if not cluster.is_chief:
+            shutil.rmtree(out_dir, ignore_errors=True)  # a worker's scratch copies of the chief's files
     best = history.best
     if best is None:
         raise UserError("no evaluation ran; check --max_steps and --eval_frequency")
