@@ -113,6 +113,12 @@ def from_vertex(raw):
     if vertex_stopping:
         if stopping is not None:
             raise UserError(f"give studySpec.{vertex_stopping[0]} or early_stopping, not both")
+        for key in vertex_stopping:
+            if key != "convexAutomatedStoppingSpec":
+                params_lib.check_keys(study[key] or {}, ("useElapsedDuration",), f"studySpec.{key}")
+            if (study[key] or {}).get("useElapsedDuration"):
+                raise UserError(f"studySpec.{key}.useElapsedDuration: not supported; the median rule compares "
+                                f"trials at equal training steps (leave it out or false)")
         stopping = "median"
     flags = raw.get("trainer_flags") or _job_spec_args(raw.get("trialJobSpec"))
     if "flagfile" in flags and "flagfile" not in raw:

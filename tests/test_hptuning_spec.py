@@ -134,6 +134,20 @@ def test_bad_flat_parameter(tmp_path, param, fragments):
         assert fragment in str(e.value)
 
 
+@pytest.mark.parametrize("stopping, fragments", [
+    ({"typo": 1}, ["studySpec.medianAutomatedStoppingSpec.typo: unknown key", "useElapsedDuration"]),
+    ({"useElapsedDuration": True}, ["useElapsedDuration: not supported", "equal training steps"]),
+])
+def test_vertex_stopping_settings_are_checked(tmp_path, stopping, fragments):
+    config = {"maxTrialCount": 2, "studySpec": {
+        "metrics": [{"metricId": "top_1_accuracy", "goal": "MAXIMIZE"}], "medianAutomatedStoppingSpec": stopping,
+        "parameters": [{"parameterId": "x", "doubleValueSpec": {"minValue": 0.1, "maxValue": 1}}]}}
+    with pytest.raises(UserError) as e:
+        load_dict(tmp_path, config)
+    for fragment in fragments:
+        assert fragment in str(e.value)
+
+
 @pytest.mark.parametrize("param, fragments", [
     ({"parameterId": "x", "floatValueSpec": {"minValue": 0, "maxValue": 1}},
      ["studySpec.parameters[0].floatValueSpec: unknown key", "doubleValueSpec"]),

@@ -1,7 +1,6 @@
 """checkpoints/: what a resumed run needs, committed atomically by state.json.
 
-    ckpt-STEP.weights.h5      weights after STEP batches
-    ckpt-STEP.optimizer.npz   optimizer state (slots, iterations)
+    ckpt-STEP.weights.h5      weights and optimizer state (slots, iterations) after STEP batches
     best-STEP.weights.h5      weights of the best evaluation so far
     state.json                the commit: step, file names, evaluations, best,
                               and the settings a resume must share
@@ -15,7 +14,6 @@ import io
 import json
 import os
 
-import keras
 import numpy as np
 
 from trainer import report
@@ -57,9 +55,12 @@ class Checkpoints:
 
     def restore(self, model, state):
         """Loads the weights and optimizer state that `state` names."""
-        model.load_weights(os.path.join(self.folder, state["weights"]))
         optimizer = model.optimizer
-        optimizer.build(model.trainable_variables)
+        optimizer.build(model.trainable_variables)  # built, so load_weights fills its slots too
+        model.load_weights(os.path.join(self.folder, state["weights"]))
+        if "optimizer" not in state:
+            return
+        # Checkpoints of version 0.1.0 before this change kept the optimizer state apart.
         with report.gfile().GFile(os.path.join(self.folder, state["optimizer"]), "rb") as f:
             saved = np.load(io.BytesIO(f.read()))
             values = [saved[f"v{i}"] for i in range(len(saved.files))]
@@ -77,14 +78,11 @@ class Checkpoints:
     def save(self, model, step, state):
         """Writes ckpt-STEP files, commits them with `state`, then removes what no commit names."""
         gfile = report.gfile()
-        weights, opt = f"ckpt-{step}.weights.h5", f"ckpt-{step}.optimizer.npz"
-        model.save_weights(os.path.join(self.folder, weights))
-        buffer = io.BytesIO()  # np.savez seeks, which gs:// files cannot
-        np.savez(buffer, **{f"v{i}": keras.ops.convert_to_numpy(v) for i, v in enumerate(model.optimizer.variables)})
-        with gfile.GFile(os.path.join(self.folder, opt), "wb") as f:
-            f.write(buffer.getvalue())
-        report.write_json(self.state_path, {**state, "step": step, "weights": weights, "optimizer": opt})
-        keep = {weights, opt, state.get("best_weights")}
+        weights = f"ckpt-{step}.weights.h5"
+        model.save_weights(os.path.join(self.folder, weights))  # the optimizer state too: the model is compiled
+        state = {key: value for key, value in state.items() if key != "optimizer"}
+        report.write_json(self.state_path, {**state, "step": step, "weights": weights})
+        keep = {weights, state.get("best_weights")}
         for name in gfile.listdir(self.folder):
             if name.startswith(("ckpt-", "best-")) and name not in keep:
                 try:
