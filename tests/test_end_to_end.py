@@ -142,13 +142,18 @@ def _losses(stdout):
     return {line.split()[1]: line.split("loss")[1].split()[0] for line in stdout.splitlines() if line.startswith("step")}
 
 
-def test_a_resumed_run_continues_exactly_where_it_stopped(tmp_path, hypertune_file):
+@pytest.mark.parametrize("backend", ["tensorflow", pytest.param("jax", marks=[pytest.mark.slow, pytest.mark.xfail(
+    strict=True, reason="known bug: on JAX the weights and optimizer state come back identical, yet the first "
+                        "resumed step reports another loss and its update differs slightly; not understood yet")])])
+def test_a_resumed_run_continues_exactly_where_it_stopped(tmp_path, hypertune_file, backend):
     # Adam's slots and step count come back from the checkpoint: the steps after
     # the resume lose what an uninterrupted run loses.
     # (A stepwise schedule: a cosine one spans --max_steps, which the two legs change.)
     train = write_tfrecords(tmp_path / "train")
     whole, split = str(tmp_path / "whole"), str(tmp_path / "split")
-    flags = dict(log_frequency=1, learning_rate_decay_type="stepwise")
+    if backend == "jax":
+        pytest.importorskip("jax")
+    flags = dict(log_frequency=1, learning_rate_decay_type="stepwise", backend=backend)
     straight = run_trainer(tiny_flags(train, train, whole, max_steps=4, **flags), hypertune_file)
     assert straight.returncode == 0, straight.stderr[-3000:]
     first = run_trainer(tiny_flags(train, train, split, max_steps=2, **flags), hypertune_file)
