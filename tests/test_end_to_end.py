@@ -142,10 +142,7 @@ def _losses(stdout):
     return {line.split()[1]: line.split("loss")[1].split()[0] for line in stdout.splitlines() if line.startswith("step")}
 
 
-@pytest.mark.parametrize("backend", ["tensorflow", pytest.param("jax", marks=[pytest.mark.slow, pytest.mark.xfail(
-    strict=True, reason="known bug: on JAX the uninterrupted run's data order changes from the second pass over "
-                        "the data (its reshuffle seed depends on how many iterators the fit made); the resumed "
-                        "run follows the TensorFlow order")])])
+@pytest.mark.parametrize("backend", ["tensorflow", "jax"])
 def test_a_resumed_run_continues_exactly_where_it_stopped(tmp_path, hypertune_file, backend):
     # Adam's slots and step count come back from the checkpoint: the steps after
     # the resume lose what an uninterrupted run loses.

@@ -93,9 +93,14 @@ def _setup_tensorflow(cluster):
 
 
 def prepare_fit(model, batch_spec):
-    """Under MultiWorkerMirroredStrategy, lets Keras 3.15's fit run (keras-team/keras#20585); else does nothing.
+    """Builds the loss and optimizer from the batch's spec, before fit; and under
+    MultiWorkerMirroredStrategy, lets Keras 3.15's fit run (keras-team/keras#20585).
 
-    Call it in the strategy's scope, after compile. Keras breaks in two places:
+    Built here, fit has no reason to peek at a batch: on JAX that peek made an
+    extra iterator of the training data, which moved the reshuffle of every
+    later pass, so a resumed run did not see the batches an uninterrupted one did.
+
+    Call it in the strategy's scope, after compile. Under MultiWorkerMirroredStrategy Keras breaks in two places:
     before the first step it averages a real input batch over the workers to
     trace the model (a uint8 batch cannot be averaged), and after each step it
     averages the scalar logs along an axis 0 they do not have. So the model,
@@ -105,13 +110,13 @@ def prepare_fit(model, batch_spec):
     """
     import keras
 
+    model._symbolic_build(data_batch=batch_spec)
     if keras.config.backend() != "tensorflow":
         return
     import tensorflow as tf
 
     if not isinstance(tf.distribute.get_strategy(), tf.distribute.MultiWorkerMirroredStrategy):
         return
-    model._symbolic_build(data_batch=batch_spec)
     model._maybe_symbolic_build = lambda *args, **kwargs: None
     for name in ("train_step", "test_step"):
         step = getattr(model, name)
