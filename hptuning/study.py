@@ -173,12 +173,12 @@ def run_study(spec, job_dir, storage_url, study_name, heartbeat_interval=60, pol
                            catch=(runner.TrialFailed,), callbacks=[progress, *callbacks])
             if not any(t.state == TrialState.FAIL for t in study.get_trials(deepcopy=False)[before:]):
                 break  # done, or stopped by a callback; only failed trials leave trials to make up
+        if not ran and progress.failure is None:
+            running = len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
+            runner.say(f"study {study_name!r} already has {_finished(study)} finished trials"
+                       f"{f' and {running} running on other workers' if running else ''}; nothing to run here")
     finally:  # interrupted too: the outputs show what finished
         runner.say(outputs.write_all(study, spec, job_dir, shown))
-    if not ran and progress.failure is None:
-        running = len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
-        runner.say(f"study {study_name!r} already has {_finished(study)} finished trials"
-                   f"{f' and {running} running on other workers' if running else ''}; nothing to run here")
     if progress.failure:
         print(f"error: {progress.failure}", file=sys.stderr, flush=True)
         return 1

@@ -11,7 +11,7 @@ import subprocess
 import pytest
 
 from tests.test_hptuning_support import (assert_one_error_line, driver_env, read_trials, run_driver, run_log,
-                                         start_driver, write_config)
+                                         start_driver, trials_by_number, write_config)
 
 
 def test_study_writes_outputs_and_resume_never_reruns(tmp_path):
@@ -81,7 +81,7 @@ def test_a_trainer_killed_by_sigkill_is_retried_with_the_same_parameters(tmp_pat
     job_dir = str(tmp_path / "sweep")
     result = run_driver(config, job_dir, env=driver_env(FAKE_SIGKILL="0"))
     assert result.returncode == 0, result.stderr
-    trials = {int(t["number"]): t for t in read_trials(job_dir)}
+    trials = trials_by_number(job_dir)
     assert trials[0]["state"] == "FAIL" and "killed by SIGKILL" in trials[0]["failure"]
     retry = [t for t in trials.values() if t["retry_of"] == "0"]
     assert len(retry) == 1 and retry[0]["state"] == "COMPLETE" and retry[0]["failure"] == ""
@@ -112,7 +112,7 @@ def test_a_killed_worker_is_resumed_by_rerunning_the_command(tmp_path):
     result = run_driver(config, job_dir, env=driver_env(FAKE_RUN_LOG=log))
     assert result.returncode == 0, result.stderr
     assert "trial 0: its driver process was killed; it runs again as a new trial" in result.stdout
-    trials = {int(t["number"]): t for t in read_trials(job_dir)}
+    trials = trials_by_number(job_dir)
     assert trials[0]["state"] == "FAIL"
     assert trials[1]["retry_of"] == "0" and trials[1]["state"] == "COMPLETE"
     assert trials[1]["initial_learning_rate"] == trials[0]["initial_learning_rate"]
@@ -208,7 +208,7 @@ def test_a_trial_that_reports_only_nan_fails_with_the_reason(tmp_path):
     job_dir = str(tmp_path / "sweep")
     result = run_driver(config, job_dir, env=driver_env(FAKE_NAN="0"))
     assert result.returncode == 0, result.stderr
-    trials = {int(t["number"]): t for t in read_trials(job_dir)}
+    trials = trials_by_number(job_dir)
     assert trials[0]["state"] == "FAIL" and "was NaN" in trials[0]["failure"]
     assert "trial 0 failed: every 'top_1_accuracy' value the trainer reported was NaN" in result.stdout
 

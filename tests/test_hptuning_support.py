@@ -97,6 +97,10 @@ def read_trials(job_dir):
         return list(csv.DictReader(f))
 
 
+def trials_by_number(job_dir):
+    return {int(t["number"]): t for t in read_trials(job_dir)}
+
+
 def run_log(path):
     """Trial numbers in the order the fake trainer started them."""
     if not os.path.exists(path):

@@ -93,20 +93,19 @@ def _setup_tensorflow(cluster):
 
 
 def prepare_fit(model, batch_spec):
-    """Builds the loss and optimizer from the batch's spec, before fit; and under
-    MultiWorkerMirroredStrategy, lets Keras 3.15's fit run (keras-team/keras#20585).
+    """Builds the loss and optimizer from the batch's spec before fit, on every backend.
 
     Built here, fit has no reason to peek at a batch: on JAX that peek made an
     extra iterator of the training data, which moved the reshuffle of every
     later pass, so a resumed run did not see the batches an uninterrupted one did.
 
-    Call it in the strategy's scope, after compile. Under MultiWorkerMirroredStrategy Keras breaks in two places:
-    before the first step it averages a real input batch over the workers to
-    trace the model (a uint8 batch cannot be averaged), and after each step it
-    averages the scalar logs along an axis 0 they do not have. So the model,
-    loss and optimizer are built here from the batch's spec, Keras' own build
-    is skipped, and the steps return their logs with a leading axis of 1 (the
-    logs are already equal on every worker; averaging keeps them).
+    Call it in the strategy's scope, after compile. Under MultiWorkerMirroredStrategy
+    Keras 3.15's fit breaks in two more places (keras-team/keras#20585): before the
+    first step it averages a real input batch over the workers (a uint8 batch cannot
+    be averaged), and after each step it averages the scalar logs along an axis 0
+    they do not have. So Keras' own build is skipped there, and the steps return
+    their logs with a leading axis of 1 (the logs are already equal on every
+    worker; averaging keeps them).
     """
     import keras
 
