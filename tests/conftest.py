@@ -100,6 +100,37 @@ def run_cli(module, args, env=None, timeout=600):
                           timeout=timeout, cwd=ROOT)
 
 
+def run_main(main, argv, capsys):
+    """Runs an entry point's main(argv) in this process, as its command would; returns a CompletedProcess.
+
+    For behaviour that does not depend on being a fresh process (flag checks,
+    data errors, a tiny run): it saves the 5 s a new process spends importing TensorFlow.
+    """
+    capsys.readouterr()
+    try:
+        main(["prog", *map(str, argv)])
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(argv, code, out, err)
+
+
+@pytest.fixture
+def trainer_main(capsys, monkeypatch, tmp_path):
+    """trainer.task's main in this process: trainer_main(args, hypertune_file=None, env=None) -> CompletedProcess."""
+    from trainer import task
+
+    def run(args, hypertune_file=None, env=None):
+        monkeypatch.setenv("CLOUD_ML_HP_METRIC_FILE", str(hypertune_file or tmp_path / "unused.metrics"))
+        for name, value in (env or {}).items():
+            monkeypatch.setenv(name, value)
+        task.FLAGS.unparse_flags()  # absl keeps values between parses
+        return run_main(task.main, args, capsys)
+
+    return run
+
+
 def run_trainer(args, hypertune_file=None, env=None):
     env = dict(env or {})
     if hypertune_file:
@@ -129,7 +160,7 @@ def model_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("model")
     weights = str(root / "w.weights.h5")
     models.build_model("resnet-18", 3, 16).save_weights(weights)
-    export.export_saved_model(weights, "resnet-18", 3, 16, EXPORTED_CLASS_NAMES, str(root / "model"))
+    export.export_saved_model(weights, "resnet-18", "classification", 3, 16, EXPORTED_CLASS_NAMES, str(root / "model"))
     return str(root / "model")
 
 

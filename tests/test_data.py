@@ -5,17 +5,18 @@ import pytest
 
 from tests.conftest import encode, write_folder
 from trainer import data
+from trainer.tasks import CLASSIFICATION
 
 
 def test_a_partial_evaluation_draws_from_every_class(tmp_path):
     folder = write_folder(tmp_path / "val", per_class=6, num_classes=3)  # sorted by class on disk
     source = data.open_source(folder, "validation_data_path")
     scan = data.scan(source, 3, data.RecordFormat(), 0.0)
-    ds, count = data.eval_dataset(source, scan, data.RecordFormat(), 6, 16, 3, num_images=6)
+    ds, count = data.eval_dataset(source, scan, data.RecordFormat(), CLASSIFICATION.target, 6, 16, 3, num_images=6)
     labels = np.concatenate([y.argmax(axis=1) for _, y in ds.as_numpy_iterator()])
     assert count == 6 and len(labels) == 6
     assert len(set(labels)) > 1  # the first 6 records would all be class 0
-    again = np.concatenate([y.argmax(axis=1) for _, y in data.eval_dataset(source, scan, data.RecordFormat(), 6, 16, 3, 6)[0].as_numpy_iterator()])
+    again = np.concatenate([y.argmax(axis=1) for _, y in data.eval_dataset(source, scan, data.RecordFormat(), CLASSIFICATION.target, 6, 16, 3, 6)[0].as_numpy_iterator()])
     np.testing.assert_array_equal(labels, again)  # the same subset every evaluation
 
 

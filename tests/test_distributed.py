@@ -9,8 +9,8 @@ import sys
 import pytest
 
 from tests.conftest import ROOT, assert_user_error, run_trainer, tiny_flags, write_tfrecords
-from trainer.config import UserError
-from trainer.distribute import Cluster, cluster_from_env
+from trainer.cli import UserError
+from trainer.cluster import Cluster, cluster_from_env
 
 
 @pytest.mark.parametrize("env, expected", [

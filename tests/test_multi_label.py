@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tests.conftest import assert_user_error, encode, run_trainer, tiny_flags, write_tfrecords
+from tests.conftest import assert_user_error, encode, tiny_flags, write_tfrecords
 from trainer import data, metrics, sample_data
 
 NUM_CLASSES = 10
@@ -53,7 +53,7 @@ def multi_hot(labels):
     return target
 
 
-def test_auto_thresholds_beat_a_fixed_half_on_held_out_macro_f1(tmp_path, hypertune_file):
+def test_auto_thresholds_beat_a_fixed_half_on_held_out_macro_f1(tmp_path, hypertune_file, trainer_main):
     train, _, _ = write_multi_label_tfrecords(str(tmp_path / "train"), 600, seed=0)
     val, _, _ = write_multi_label_tfrecords(str(tmp_path / "val"), 200, seed=1)
     _, test_images, test_labels = write_multi_label_tfrecords(str(tmp_path / "test"), 200, seed=2)
@@ -61,7 +61,7 @@ def test_auto_thresholds_beat_a_fixed_half_on_held_out_macro_f1(tmp_path, hypert
     flags = tiny_flags(train, val, str(job), num_classes=NUM_CLASSES, task="multi_label", multi_label_threshold="auto",
                        eval_each_category="true", image_size=32, max_steps=150, eval_frequency=75, train_batch_size=32,
                        eval_batch_size=50, initial_learning_rate=0.003, random_flip="false", random_crop_min_area=0.8)
-    result = run_trainer(flags, hypertune_file)
+    result = trainer_main(flags, hypertune_file)
     assert result.returncode == 0, result.stderr[-3000:]
 
     report = json.load(open(job / "metrics.json"))
@@ -90,12 +90,12 @@ def test_image_list_with_several_labels_per_line(tmp_path):
     (tmp_path / "a.png").write_bytes(encode(np.zeros((8, 8, 3), np.uint8), "PNG"))
     listing = tmp_path / "list.txt"
     listing.write_text("a.png 1,4,7\na.png 2\na.png\n")
-    source = data.open_source(str(listing), "training_data_path", data.RecordFormat(multi_label=True))
+    source = data.open_source(str(listing), "training_data_path", data.RecordFormat(several_labels=True))
     assert source.labels == ((1, 4, 7), (2,), ())
-    scan = data.scan(source, 8, data.RecordFormat(multi_label=True), 0.0)
+    scan = data.scan(source, 8, data.RecordFormat(several_labels=True), 0.0)
     assert len(scan.keys) == 3
     with pytest.raises(data.UserError, match=r"label 7 of .*line 1.* outside \[0, 5\)"):
-        data.scan(source, 5, data.RecordFormat(multi_label=True), 0.0)
+        data.scan(source, 5, data.RecordFormat(several_labels=True), 0.0)
 
 
 def test_single_label_list_refuses_several_labels(tmp_path):
@@ -110,13 +110,13 @@ def test_single_label_list_refuses_several_labels(tmp_path):
     ("--hyperparameter_metric_tag=top_1_accuracy", "--hyperparameter_metric_tag must be one of mAP"),
     ("--task=detection", "--task must be one of classification, multi_label"),
 ])
-def test_bad_multi_label_flags(tmp_path, flag, fragment):
+def test_bad_multi_label_flags(tmp_path, flag, fragment, trainer_main):
     args = ["--training_data_path=t", "--validation_data_path=v", "--num_classes=3", "--max_steps=5",
             "--job-dir=/tmp/unused", "--task=multi_label", flag]
-    assert_user_error(run_trainer(args), fragment)
+    assert_user_error(trainer_main(args), fragment)
 
 
-def test_several_labels_in_a_single_label_tfrecord_name_the_task_flag(tmp_path):
+def test_several_labels_in_a_single_label_tfrecord_name_the_task_flag(tmp_path, trainer_main):
     path, _, _ = write_multi_label_tfrecords(str(tmp_path / "ml"), 4, seed=0)
     val = write_tfrecords(tmp_path / "val", per_class=2, shards=1)
-    assert_user_error(run_trainer(tiny_flags(path, val, tmp_path / "job", num_classes=10)), "--task=multi_label")
+    assert_user_error(trainer_main(tiny_flags(path, val, tmp_path / "job", num_classes=10)), "--task=multi_label")

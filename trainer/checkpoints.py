@@ -3,30 +3,22 @@
     ckpt-STEP.weights.h5      weights and optimizer state (slots, iterations) after STEP batches
     best-STEP.weights.h5      weights of the best evaluation so far
     state.json                the commit: step, file names, evaluations, best,
-                              and the settings a resume must share
+                              and the run fingerprint a resume must match
 
 The input pipeline is a pure function of (seed, step), so the step is also
 the data position. Files are written first and state.json last; a crash at
 any point leaves the previous state.json and every file it names intact.
+One Checkpoints object per run owns the fingerprint: the values of the flags
+the table (schema.py) marks as fingerprint.
 """
 
 import io
-import json
 import os
 
 import numpy as np
 
-from trainer import report
-from trainer.config import UserError
-
-# Settings that must not change across a resume: the weights, the optimizer
-# slots or the data position would not mean the same thing.
-RUN_FIELDS = ("model_type", "num_classes", "image_size", "task", "optimizer_type", "optimizer_arguments",
-              "train_batch_size", "seed", "training_data_path")
-
-
-def run_fingerprint(config):
-    return {name: _jsonable(getattr(config, name)) for name in RUN_FIELDS}
+from trainer import files, schema
+from trainer.cli import UserError
 
 
 def _jsonable(value):
@@ -34,22 +26,22 @@ def _jsonable(value):
 
 
 class Checkpoints:
-    def __init__(self, folder):
-        self.folder = folder
-        self.state_path = os.path.join(folder, "state.json")
+    def __init__(self, read_folder, write_folder, config):
+        """read_folder: the chief's checkpoints (resumed from); write_folder: where this process saves."""
+        self.read_folder, self.folder = read_folder, write_folder
+        self.fingerprint = {name: _jsonable(getattr(config, name)) for name in schema.fingerprint_fields()}
 
-    def load_state(self, fingerprint):
+    def load_state(self):
         """The committed state ({} when none), refused if it belongs to a different run."""
-        gfile = report.gfile()
-        if not gfile.exists(self.state_path):
+        path = os.path.join(self.read_folder, "state.json")
+        if not files.exists(path):
             return {}
-        with gfile.GFile(self.state_path) as f:
-            state = json.load(f)
+        state = files.read_json(path)
         for name, value in state.get("run", {}).items():
-            if fingerprint.get(name) != value:
+            if self.fingerprint.get(name) != value:
                 raise UserError(
-                    f"--job-dir holds a checkpoint of a different run (--{name} was {value!r}, now {fingerprint.get(name)!r}); "
-                    f"use a new --job-dir, or remove {self.folder} to start over"
+                    f"--job-dir holds a checkpoint of a different run (--{name} was {value!r}, now "
+                    f"{self.fingerprint.get(name)!r}); use a new --job-dir, or remove {self.read_folder} to start over"
                 )
         return state
 
@@ -57,35 +49,34 @@ class Checkpoints:
         """Loads the weights and optimizer state that `state` names."""
         optimizer = model.optimizer
         optimizer.build(model.trainable_variables)  # built, so load_weights fills its slots too
-        model.load_weights(os.path.join(self.folder, state["weights"]))
+        model.load_weights(os.path.join(self.read_folder, state["weights"]))
         if "optimizer" not in state:
             return
-        # Checkpoints of version 0.1.0 before this change kept the optimizer state apart.
-        with report.gfile().GFile(os.path.join(self.folder, state["optimizer"]), "rb") as f:
+        # Checkpoints of version 0.1.0 before the optimizer state moved into the weights file kept it apart.
+        with files.gfile().GFile(os.path.join(self.read_folder, state["optimizer"]), "rb") as f:
             saved = np.load(io.BytesIO(f.read()))
             values = [saved[f"v{i}"] for i in range(len(saved.files))]
         if len(values) != len(optimizer.variables):
-            raise UserError(f"{self.folder}: the optimizer state does not fit this optimizer; use a new --job-dir")
+            raise UserError(f"{self.read_folder}: the optimizer state does not fit this optimizer; use a new --job-dir")
         for variable, value in zip(optimizer.variables, values):
             variable.assign(value)
+
+    def best_path(self, name):
+        return os.path.join(self.folder, name)
 
     def save_best(self, model, step):
         """Writes best-STEP.weights.h5; it counts once save() commits it."""
         name = f"best-{step}.weights.h5"
-        model.save_weights(os.path.join(self.folder, name))
+        model.save_weights(self.best_path(name))
         return name
 
     def save(self, model, step, state):
-        """Writes ckpt-STEP files, commits them with `state`, then removes what no commit names."""
-        gfile = report.gfile()
+        """Writes ckpt-STEP files, commits them with `state` and the fingerprint, then removes what no commit names."""
         weights = f"ckpt-{step}.weights.h5"
         model.save_weights(os.path.join(self.folder, weights))  # the optimizer state too: the model is compiled
-        state = {key: value for key, value in state.items() if key != "optimizer"}
-        report.write_json(self.state_path, {**state, "step": step, "weights": weights})
+        files.write_json(os.path.join(self.folder, "state.json"),
+                         {**state, "run": self.fingerprint, "step": step, "weights": weights})
         keep = {weights, state.get("best_weights")}
-        for name in gfile.listdir(self.folder):
+        for name in files.gfile().listdir(self.folder):
             if name.startswith(("ckpt-", "best-")) and name not in keep:
-                try:
-                    gfile.remove(os.path.join(self.folder, name))
-                except Exception:  # noqa: BLE001 - already gone is fine
-                    pass
+                files.remove(os.path.join(self.folder, name))

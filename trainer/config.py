@@ -1,121 +1,60 @@
-"""The resolved training configuration: one frozen dataclass, validated once.
+"""The resolved training configuration: one frozen dataclass made from the flag
+table (trainer/schema.py), built from parsed values and validated once.
 
-Each field has the same name as its flag (task.py), its Optuna parameter and,
-where it is a metric, its metrics.json key. Nothing here imports TensorFlow or
-Keras, so a bad flag is reported in a fraction of a second.
+Each field has the name of its flag. Structured flags arrive as strings and
+are parsed here ('100,200' -> (100, 200); 'momentum=0.9' -> (('momentum',
+0.9),)). A value outside a flag's choices is refused from the table; the
+checks below are the ones a table cannot say (ranges, and flags that depend
+on each other). Nothing here imports TensorFlow or Keras, so a bad flag is
+reported in a fraction of a second.
 """
 
 import dataclasses
-import sys
+import math
 
-MODEL_TYPES = (
-    "resnet-18", "resnet-34", "resnet-50", "resnet-101", "resnet-152", "resnet-200",
-    "efficientnet-b0", "efficientnet-b1", "efficientnet-b2", "efficientnet-b3",
-    "efficientnet-b4", "efficientnet-b5", "efficientnet-b6", "efficientnet-b7",
-)
-DECAY_TYPES = ("cosine", "stepwise")
-OPTIMIZER_TYPES = ("momentum", "adam", "rmsprop")
-BACKENDS = ("tensorflow", "jax")
-PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
-TASKS = ("classification", "multi_label")
-# Metrics an evaluation reports that can be tuned (all: higher is better).
-TUNABLE_METRICS = {
-    "classification": ("top_1_accuracy", "top_5_accuracy"),
-    "multi_label": ("mAP", "macro_f1", "micro_f1", "macro_precision", "macro_recall", "micro_precision",
-                    "micro_recall", "exact_match"),
-}
+from trainer import cli, schema
+from trainer.backbones import BACKBONES
+from trainer.cli import UserError
+from trainer.tasks import TASKS
+
+_PYTHON_TYPES = {"string": str, "integer": int, "float": float, "boolean": bool, "int_list": tuple,
+                 "float_list": tuple, "pairs": tuple}
 
 
-class UserError(Exception):
-    """A mistake the user can fix; reported as one line, without a traceback."""
+def _config_class():
+    """Config: required flags first (no default), then the others with the table's defaults, parsed."""
+    required = [(f.name, _PYTHON_TYPES[f.kind]) for f in schema.config_flags() if f.required]
+    optional = [(f.name, _PYTHON_TYPES[f.kind], dataclasses.field(default=parse_value(f, f.default)))
+                for f in schema.config_flags() if not f.required]
 
-
-def fail(message):
-    """Ends the program after a user mistake: one `error:` line on stderr, exit status 2."""
-    print(f"error: {message}", file=sys.stderr, flush=True)
-    sys.exit(2)
-
-
-def parse_command_line(flag_values, argv=None):
-    """Parses argv into absl flag_values; a misspelt flag, a bad value or a stray argument ends in fail()."""
-    from absl import flags
-
-    argv = list(sys.argv if argv is None else argv)
-    if any(arg in ("-h", "--help", "--helpfull") for arg in argv[1:]):
-        print(flag_values.get_help())
-        sys.exit(0)
-    try:
-        rest = flag_values(argv)
-    except flags.Error as e:
-        fail(str(e).replace("\n", " "))
-    if len(rest) > 1:
-        fail(f"unexpected argument {rest[1]!r}; flags are written --name=value")
-
-
-@dataclasses.dataclass(frozen=True)
-class Config:
-    training_data_path: str
-    validation_data_path: str
-    num_classes: int
-    max_steps: int
-    train_batch_size: int = 32
-    eval_batch_size: int = 32
-    num_eval_images: int = 0  # 0 = the whole validation set
-    eval_frequency: int = 1000  # steps between evaluations; one always runs at max_steps
-    pretrained_checkpoint_path: str = ""
-    learning_rate_decay_type: str = "cosine"
-    initial_learning_rate: float = 0.0001
-    warmup_learning_rate: float = 0.0
-    warmup_steps: int = 0
-    stepwise_learning_rate_steps: tuple = (100, 200)
-    stepwise_learning_rate_levels: tuple = (0.008, 0.0008)
-    optimizer_type: str = "momentum"
-    optimizer_arguments: tuple = ()  # ((name, value), ...) for the optimizer's constructor
-    image_size: int = 224
-    model_type: str = "efficientnet-b0"
-    label_smoothing: float = 0.0
-    weight_decay: float = 0.0001
-    random_flip: bool = True
-    random_crop_min_area: float = 0.08  # fraction of the image a training crop keeps, at least
-    seed: int = 42
-    backend: str = "tensorflow"
-    precision: str = "float32"
-    image_key: str = "image/encoded"
-    label_key: str = "image/class/label"
-    label_offset: int = 0
-    label_map_path: str = ""
-    max_corrupt_fraction: float = 0.01
-    log_frequency: int = 100  # steps between progress lines
-    task: str = "classification"
-    multi_label_threshold: str = "0.5"  # a probability, or "auto": per-class F1-best on validation
-    eval_each_category: bool = False
-    hyperparameter_metric_tag: str = ""  # "" = top_1_accuracy, or mAP for multi_label
-
-    @property
     def metric(self):
         """The metric that picks the best evaluation and goes to the hypertune file."""
-        return self.hyperparameter_metric_tag or TUNABLE_METRICS[self.task][0]
-
-    @property
-    def multi_label(self):
-        return self.task == "multi_label"
+        return self.hyperparameter_metric_tag or TASKS[self.task].metrics[0]
 
     def to_dict(self):
         return dataclasses.asdict(self)
 
+    config_class = dataclasses.make_dataclass("Config", required + optional, frozen=True,
+                                              namespace={"metric": property(metric), "to_dict": to_dict})
+    config_class.__module__ = __name__
+    return config_class
 
-def parse_int_list(flag, text):
-    return tuple(_parse_numbers(flag, text, int, "integers"))
 
-
-def parse_float_list(flag, text):
-    return tuple(_parse_numbers(flag, text, float, "numbers"))
+def parse_value(flag, value):
+    """A flag's value as the Config holds it; structured kinds are parsed from their text."""
+    if flag.kind == "int_list":
+        return _parse_numbers(flag.name, value, int, "integers")
+    if flag.kind == "float_list":
+        return _parse_numbers(flag.name, value, float, "numbers")
+    if flag.kind == "pairs":
+        return parse_optimizer_arguments(value)
+    return value
 
 
 def _parse_numbers(flag, text, kind, what):
     items = [item.strip() for item in text.split(",") if item.strip()]
     try:
-        return [kind(item) for item in items]
+        return tuple(kind(item) for item in items)
     except ValueError:
         raise UserError(f"--{flag}={text!r}: expected comma-separated {what}, like '100,200'") from None
 
@@ -146,6 +85,22 @@ def _parse_scalar(raw):
     return raw
 
 
+Config = _config_class()
+
+
+def from_values(values):
+    """Builds and validates the Config from {flag name: value} (None: not given, so the default)."""
+    kwargs = {}
+    for flag in schema.config_flags():
+        value = values.get(flag.name)
+        if value is not None:
+            kwargs[flag.name] = parse_value(flag, value)
+    cli.require([flag.name for flag in schema.config_flags() if flag.required and flag.name not in kwargs])
+    config = Config(**kwargs)
+    validate(config)
+    return config
+
+
 # Constructor arguments each optimizer_type accepts from --optimizer_arguments.
 # learning_rate is a flag of its own; weight_decay is the L2 loss term.
 # (use_ema is left out: Keras swaps the averaged weights in only when fit ends,
@@ -158,37 +113,37 @@ _OPTIMIZER_ARGUMENTS = {
 _BOOLEAN_ARGUMENTS = ("nesterov", "amsgrad", "centered")
 
 
-def optimizer_argument_names(optimizer_type):
-    return _OPTIMIZER_ARGUMENTS[optimizer_type]
-
-
 def validate(config):
     """Raises UserError naming the first flag whose value cannot work."""
     c = config
-    _require(c.training_data_path, "training_data_path", "is required: a TFRecord glob, a folder per class, or an image-list .txt file")
-    _require(c.validation_data_path, "validation_data_path", "is required: a TFRecord glob, a folder per class, or an image-list .txt file")
+    for flag in schema.config_flags():
+        if flag.choices:
+            value = getattr(c, flag.name)
+            _require(value in flag.choices, flag.name, f"must be one of {', '.join(flag.choices)} (got {value!r})")
     _require(c.num_classes >= 2, "num_classes", f"must be at least 2 (got {c.num_classes})")
-    _require(c.max_steps > 0, "max_steps", f"is required and must be a positive number of steps (got {c.max_steps})")
+    _require(c.max_steps > 0, "max_steps", f"must be a positive number of steps (got {c.max_steps})")
     for name in ("train_batch_size", "eval_batch_size", "eval_frequency", "log_frequency"):
         _require(getattr(c, name) > 0, name, f"must be positive (got {getattr(c, name)})")
     _require(c.num_eval_images >= 0, "num_eval_images", f"must be 0 (all) or positive (got {c.num_eval_images})")
+    backbone = BACKBONES[c.model_type]
     _require(16 <= c.image_size <= 1024, "image_size", f"must be between 16 and 1024 pixels (got {c.image_size})")
-    _one_of(c, "model_type", MODEL_TYPES)
-    _one_of(c, "learning_rate_decay_type", DECAY_TYPES)
-    _one_of(c, "optimizer_type", OPTIMIZER_TYPES)
-    _one_of(c, "backend", BACKENDS)
-    _one_of(c, "precision", PRECISIONS)
-    _one_of(c, "task", TASKS)
+    _require(c.image_size >= backbone.min_image_size, "image_size",
+             f"must be at least {backbone.min_image_size} for {c.model_type} (got {c.image_size})")
     if c.hyperparameter_metric_tag:
-        _one_of(c, "hyperparameter_metric_tag", TUNABLE_METRICS[c.task])
-        _require(c.hyperparameter_metric_tag != "top_5_accuracy" or c.num_classes > 5, "hyperparameter_metric_tag",
-                 "top_5_accuracy needs more than 5 classes")
+        task = TASKS[c.task]
+        _require(c.hyperparameter_metric_tag in task.metrics, "hyperparameter_metric_tag",
+                 f"must be one of {', '.join(task.metrics)} (got {c.hyperparameter_metric_tag!r})")
+        _require(c.hyperparameter_metric_tag in task.metrics_for(c.num_classes), "hyperparameter_metric_tag",
+                 f"{c.hyperparameter_metric_tag} needs more than 5 classes")
     if c.multi_label_threshold != "auto":
         try:
             ok = 0 < float(c.multi_label_threshold) < 1
         except ValueError:
             ok = False
         _require(ok, "multi_label_threshold", f"must be 'auto' or a probability in (0, 1) (got {c.multi_label_threshold!r})")
+    for name in ("initial_learning_rate", "warmup_learning_rate", "weight_decay", "label_smoothing",
+                 "random_crop_min_area", "max_corrupt_fraction"):
+        _require(math.isfinite(getattr(c, name)), name, f"must be a finite number (got {getattr(c, name)})")
     _require(c.initial_learning_rate > 0, "initial_learning_rate", f"must be positive (got {c.initial_learning_rate})")
     _require(c.warmup_learning_rate >= 0, "warmup_learning_rate", f"must be >= 0 (got {c.warmup_learning_rate})")
     _require(0 <= c.warmup_steps < c.max_steps, "warmup_steps", f"must be in [0, max_steps={c.max_steps}) (got {c.warmup_steps})")
@@ -198,12 +153,15 @@ def validate(config):
     _require(0 <= c.max_corrupt_fraction <= 1, "max_corrupt_fraction", f"must be in [0, 1] (got {c.max_corrupt_fraction})")
     if c.learning_rate_decay_type == "stepwise":
         _validate_stepwise(c)
-    _require(c.pretrained_checkpoint_path != "imagenet" or c.model_type.startswith("efficientnet"),
-             "pretrained_checkpoint_path", "=imagenet: Keras provides ImageNet weights for efficientnet-* only; "
-             f"for {c.model_type} give a .weights.h5 or .keras file")
-    _require(c.image_size >= 32 or not c.model_type.startswith("efficientnet"), "image_size",
-             f"must be at least 32 for {c.model_type} (got {c.image_size})")
-    allowed = optimizer_argument_names(c.optimizer_type)
+    if c.pretrained_checkpoint_path == "imagenet" and not backbone.imagenet:
+        families = ", ".join(sorted({f"{b.family}-*" for b in BACKBONES.values() if b.imagenet}))
+        raise UserError(f"--pretrained_checkpoint_path=imagenet: Keras provides ImageNet weights for {families} only; "
+                        f"for {c.model_type} give a .weights.h5 or .keras file")
+    _validate_optimizer_arguments(c)
+
+
+def _validate_optimizer_arguments(c):
+    allowed = _OPTIMIZER_ARGUMENTS[c.optimizer_type]
     for name, value in c.optimizer_arguments:
         _require(name in allowed, "optimizer_arguments",
                  f"{name!r} is not an argument of the {c.optimizer_type} optimizer; valid: {', '.join(allowed)}")
@@ -229,9 +187,3 @@ def _validate_stepwise(c):
 def _require(ok, flag, message):
     if not ok:
         raise UserError(f"--{flag} {message}")
-
-
-def _one_of(config, flag, allowed):
-    value = getattr(config, flag)
-    _require(value in allowed, flag, f"must be one of {', '.join(allowed)} (got {value!r})")
-

@@ -18,7 +18,8 @@ import numpy as np
 import tensorflow as tf
 
 from trainer import images
-from trainer.config import UserError
+from trainer import cli
+from trainer.cli import UserError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp")
 LIST_EXTENSIONS = (".txt", ".lst")
@@ -32,7 +33,7 @@ class RecordFormat:
     image_key: str = "image/encoded"
     label_key: str = "image/class/label"
     label_offset: int = 0
-    multi_label: bool = False
+    several_labels: bool = False  # the task's: a list of ids per image
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,9 +99,9 @@ def _list_source(path, flag, fmt):
             if not line.strip() or line.lstrip().startswith("#"):
                 continue
             parts = line.split()
-            ids = _parse_label_field(parts[1] if len(parts) == 2 else None, fmt.multi_label)
+            ids = _parse_label_field(parts[1] if len(parts) == 2 else None, fmt.several_labels)
             if len(parts) > 2 or ids is None:
-                expected = "'image_path id,id,...'" if fmt.multi_label else "'image_path integer_label'"
+                expected = "'image_path id,id,...'" if fmt.several_labels else "'image_path integer_label'"
                 raise UserError(f"--{flag}: {path} line {number}: expected {expected}, got {line.strip()!r}")
             image = parts[0] if parts[0].startswith(("/", "gs://")) else os.path.join(base, parts[0])
             files.append(image)
@@ -136,13 +137,13 @@ def _tfrecord_records(source, shuffle_seed=None):
 
 def _parser(fmt):
     """(key, record) -> (key, encoded image, label): an int64 scalar, or a vector of ids for multi-label."""
-    label_spec = tf.io.VarLenFeature(tf.int64) if fmt.multi_label else tf.io.FixedLenFeature([], tf.int64)
+    label_spec = tf.io.VarLenFeature(tf.int64) if fmt.several_labels else tf.io.FixedLenFeature([], tf.int64)
     spec = {fmt.image_key: tf.io.FixedLenFeature([], tf.string), fmt.label_key: label_spec}
 
     def parse(key, record):
         example = tf.io.parse_single_example(record, spec)
         label = example[fmt.label_key]
-        if fmt.multi_label:
+        if fmt.several_labels:
             label = label.values
         return key, example[fmt.image_key], label - fmt.label_offset
 
@@ -163,7 +164,7 @@ def _encoded(source, keys, fmt, shuffle_seed=None, read=True):
         return ds
     keys = np.arange(len(source.files), dtype=np.int64) if keys is None else keys
     chosen = [source.labels[k] for k in keys]
-    if fmt.multi_label:
+    if fmt.several_labels:
         values = np.array([i for ids in chosen for i in ids], dtype=np.int64)
         labels = tf.RaggedTensor.from_row_lengths(values, np.array([len(ids) for ids in chosen], dtype=np.int64))
     else:
@@ -174,13 +175,6 @@ def _encoded(source, keys, fmt, shuffle_seed=None, read=True):
     if not read:
         return ds
     return ds.map(lambda key, path, label: (key, tf.io.read_file(path), label), num_parallel_calls=AUTOTUNE)
-
-
-def _target(label, num_classes, multi_label):
-    """One-hot for a single label, multi-hot (possibly all zero) for several."""
-    if multi_label:
-        return tf.minimum(tf.reduce_sum(tf.one_hot(label, num_classes), axis=0), 1.0)
-    return tf.one_hot(label, num_classes)
 
 
 def scan(source, num_classes, fmt, max_corrupt_fraction):
@@ -263,7 +257,8 @@ def _decodable_keys(source, fmt):
     return np.concatenate(list(ds.as_numpy_iterator()) or [np.zeros([0], np.int64)])
 
 
-def training_dataset(source, scan_result, fmt, batch_size, image_size, num_classes, seed, min_area, flip, start_step=0):
+def training_dataset(source, scan_result, fmt, target, batch_size, image_size, num_classes, seed, min_area, flip,
+                     start_step=0):
     """Endless shuffled batches of (uint8 images, one- or multi-hot labels).
 
     Deterministic for a seed: resuming at start_step skips exactly the records
@@ -281,7 +276,7 @@ def training_dataset(source, scan_result, fmt, batch_size, image_size, num_class
         if source.kind != "tfrecord":
             encoded = tf.io.read_file(encoded)  # read after skip(): resuming reads no file twice
         image = images.train_image(encoded, image_size, tf.stack([tf.cast(seed, tf.int64), index]), min_area, flip)
-        return image, _target(label, num_classes, fmt.multi_label)
+        return image, target(label, num_classes)
 
     ds = ds.map(prepare, num_parallel_calls=AUTOTUNE, deterministic=True)
     options = tf.data.Options()
@@ -290,7 +285,7 @@ def training_dataset(source, scan_result, fmt, batch_size, image_size, num_class
     return ds.batch(batch_size, drop_remainder=True).prefetch(AUTOTUNE).with_options(options)
 
 
-def eval_dataset(source, scan_result, fmt, batch_size, image_size, num_classes, num_images=0, seed=0):
+def eval_dataset(source, scan_result, fmt, target, batch_size, image_size, num_classes, num_images=0, seed=0):
     """num_images usable records (0 = all) chosen by a seeded draw, centrally cropped, in source order.
 
     A draw rather than the first N: folders and lists are sorted by class, so
@@ -302,7 +297,7 @@ def eval_dataset(source, scan_result, fmt, batch_size, image_size, num_classes, 
         keys = np.sort(np.random.RandomState(seed).choice(scan_result.keys, count, replace=False))
     ds = _encoded(source, keys, fmt)
     ds = ds.take(count).map(
-        lambda key, encoded, label: (images.eval_image(encoded, image_size), _target(label, num_classes, fmt.multi_label)),
+        lambda key, encoded, label: (images.eval_image(encoded, image_size), target(label, num_classes)),
         num_parallel_calls=AUTOTUNE,
     )
     ds = ds.apply(tf.data.experimental.assert_cardinality(count))  # lets Keras restart it each evaluation
@@ -331,3 +326,37 @@ def class_names(train_source, eval_source, num_classes, label_map_path):
             raise UserError(f"--num_classes={num_classes} but --training_data_path has {len(train_source.class_names)} class subfolders")
         return train_source.class_names
     return tuple(str(i) for i in range(num_classes))
+
+
+@dataclasses.dataclass(frozen=True)
+class Inputs:
+    training: object  # endless (uint8 images, targets) batches from start_step on
+    evaluation: object  # the evaluation batches, the same images every evaluation
+    class_names: tuple  # in label order
+    summary: dict  # image counts and unreadable images, for metrics.json
+
+
+def prepare_inputs(training_path, validation_path, num_classes, task, *, image_key, label_key, label_offset,
+                   label_map_path, max_corrupt_fraction, image_size, train_batch_size, eval_batch_size,
+                   num_eval_images, seed, random_crop_min_area, random_flip, start_step):
+    """Opens and scans both sources (every bad label or unreadable image is found here, before any step),
+    and returns the two datasets with the class names."""
+    fmt = RecordFormat(image_key, label_key, label_offset, task.several_labels)
+    train_source = open_source(training_path, "training_data_path", fmt)
+    eval_source = open_source(validation_path, "validation_data_path", fmt)
+    names = class_names(train_source, eval_source, num_classes, label_map_path)
+    cli.say(f"scanning {training_path} and {validation_path} ...")
+    train_scan = scan(train_source, num_classes, fmt, max_corrupt_fraction)
+    eval_scan = scan(eval_source, num_classes, fmt, max_corrupt_fraction)
+    cli.say(f"{len(train_scan.keys)} training images, {len(eval_scan.keys)} validation images, "
+            f"{len(train_scan.corrupt) + len(eval_scan.corrupt)} unreadable skipped")
+    training = training_dataset(train_source, train_scan, fmt, task.target, train_batch_size, image_size, num_classes,
+                                seed, random_crop_min_area, random_flip, start_step)
+    evaluation, num_eval = eval_dataset(eval_source, eval_scan, fmt, task.target, eval_batch_size, image_size,
+                                        num_classes, num_eval_images, seed)
+    summary = {
+        "training_images": len(train_scan.keys), "evaluation_images": num_eval,
+        "corrupt_images": {"training": len(train_scan.corrupt), "validation": len(eval_scan.corrupt),
+                           "examples": list((train_scan.corrupt + eval_scan.corrupt)[:20])},
+    }
+    return Inputs(training, evaluation, names, summary)

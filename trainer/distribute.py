@@ -1,8 +1,8 @@
 """Data-parallel training on several devices and hosts, from the cluster environment.
 
-The cluster comes from TF_CONFIG (TensorFlow's convention) or CLUSTER_SPEC
-(Vertex AI's), whichever is set; with neither, this process is the whole
-cluster. Each backend's own engine does the work:
+The cluster (cluster.py) comes from TF_CONFIG or Vertex AI's CLUSTER_SPEC;
+with neither, this process is the whole cluster. Each backend's own engine
+does the work:
   * JAX: keras.distribution (initialize() for several processes, then
     DataParallel over every device);
   * TensorFlow: MirroredStrategy for several local GPUs;
@@ -13,43 +13,8 @@ checkpoints, metrics and the export.
 """
 
 import contextlib
-import dataclasses
-import json
-import os
 
-from trainer.config import UserError
-
-
-@dataclasses.dataclass(frozen=True)
-class Cluster:
-    addresses: tuple  # host:port of every process, chief first
-    index: int  # this process's position in addresses
-
-    @property
-    def is_chief(self):
-        return self.index == 0
-
-
-def cluster_from_env(env=os.environ):
-    """Reads TF_CONFIG or CLUSTER_SPEC; a lone process when neither names a cluster."""
-    raw, source = env.get("TF_CONFIG") or env.get("CLUSTER_SPEC"), "TF_CONFIG" if env.get("TF_CONFIG") else "CLUSTER_SPEC"
-    if not raw:
-        return Cluster((), 0)
-    try:
-        spec = json.loads(raw)
-        cluster, task = spec.get("cluster", {}), spec.get("task", {})
-        # Chief first, then workers: TF's "chief"/"worker" and Vertex's "workerpool0"/"workerpool1".
-        roles = [r for r in ("chief", "master", "workerpool0", "worker", "workerpool1") if r in cluster]
-        addresses = tuple(address for role in roles for address in cluster[role])
-        if not addresses:
-            return Cluster((), 0)  # no cluster named (e.g. TF_CONFIG='{}'): a lone process
-        role, index = task.get("type", roles[0]), int(task.get("index", 0))
-        if role not in roles or not 0 <= index < len(cluster[role]):
-            raise ValueError(f"task {role!r} index {index} is not in the cluster ({', '.join(roles)})")
-        offset = sum(len(cluster[r]) for r in roles[: roles.index(role)])
-    except (ValueError, TypeError, AttributeError, KeyError) as e:
-        raise UserError(f"{source} is not a valid cluster spec ({e}); expected JSON with 'cluster' and 'task'") from None
-    return Cluster(addresses, offset + index)
+from trainer import cli
 
 
 def setup(backend, cluster):
@@ -68,7 +33,7 @@ def _setup_jax(cluster):
     devices = keras.distribution.list_devices()
     if len(devices) > 1:
         keras.distribution.set_distribution(keras.distribution.DataParallel(devices=devices))
-        print(f"data parallel over {len(devices)} devices in {max(len(cluster.addresses), 1)} process(es) (keras.distribution)", flush=True)
+        cli.say(f"data parallel over {len(devices)} devices in {cluster.size} process(es) (keras.distribution)")
     return contextlib.nullcontext(), len(devices)
 
 
@@ -81,13 +46,13 @@ def _setup_tensorflow(cluster):
             tf.train.ClusterSpec({"worker": list(cluster.addresses)}), task_type="worker", task_id=cluster.index,
             rpc_layer="grpc")
         strategy = tf.distribute.MultiWorkerMirroredStrategy(cluster_resolver=resolver)
-        print(f"data parallel over {strategy.num_replicas_in_sync} devices in {len(cluster.addresses)} process(es) "
-              "(MultiWorkerMirroredStrategy)", flush=True)
+        cli.say(f"data parallel over {strategy.num_replicas_in_sync} devices in {cluster.size} process(es) "
+                "(MultiWorkerMirroredStrategy)")
         return strategy.scope(), strategy.num_replicas_in_sync
     devices = _mirrored_devices(tf)
     if len(devices) > 1:
         strategy = tf.distribute.MirroredStrategy(devices)
-        print(f"data parallel over {strategy.num_replicas_in_sync} devices (MirroredStrategy)", flush=True)
+        cli.say(f"data parallel over {strategy.num_replicas_in_sync} devices (MirroredStrategy)")
         return strategy.scope(), strategy.num_replicas_in_sync
     return contextlib.nullcontext(), 1
 

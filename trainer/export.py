@@ -4,14 +4,17 @@ Signatures:
   serving_default(image_bytes: string [B])    encoded JPEG/PNG/GIF/BMP bytes
   serving_images(images: uint8 [B, H, W, 3])  decoded RGB images, any size
   metadata()                                  class_names [C], task, image_size
-Single-label models return probabilities [B, C] (softmax) and the top-k
-(k = min(5, C)) classes, scores and class_names [B, k]. Multi-label models
-return sigmoid probabilities [B, C], predictions (bool [B, C], per-class
-thresholds applied), and classes / scores / class_names [B, C] ordered by
-probability, the predicted ones first, the rest padded with -1 / 0 / "".
-Bytes get exactly the evaluation crop; uint8 images are resized whole. The SavedModel is always written by the TensorFlow backend
-(from a weights file) so it loads on plain CPU TensorFlow whatever trained it:
-a JAX run exports in a child process (`python -m trainer.export SPEC.json`).
+The outputs are the task's (tasks.py): a classifier returns probabilities
+[B, C] (softmax) and the top-k (k = min(5, C)) classes, scores and
+class_names [B, k]; a multi-label model returns sigmoid probabilities [B, C],
+predictions (bool [B, C], the best evaluation's per-class thresholds applied),
+and classes / scores / class_names [B, C] ordered by probability, the
+predicted ones first, the rest padded with -1 / 0 / "". The metadata names
+the task, so serving code reads it instead of guessing.
+Bytes get exactly the evaluation crop; uint8 images are resized whole. The
+SavedModel is always written by the TensorFlow backend (from a weights file)
+so it loads on plain CPU TensorFlow whatever trained it: a JAX run exports in
+a child process (`python -m trainer.export SPEC.json`).
 """
 
 import json
@@ -20,16 +23,24 @@ import subprocess
 import sys
 import tempfile
 
+from trainer import files
+from trainer.tasks import TASKS
 
-def export_saved_model(weights_path, model_type, num_classes, image_size, class_names, export_dir, thresholds=None):
+
+def export_saved_model(weights_path, model_type, task, num_classes, image_size, class_names, export_dir,
+                       evaluation=None):
     """Builds the model from weights_path and writes export_dir, replacing it atomically.
 
-    thresholds: per-class probability thresholds of a multi-label model; None for single-label.
+    task: a --task name; evaluation: the evaluation whose settings the export
+    keeps (a multi-label model's thresholds).
     """
     import keras
 
+    spec = dict(weights_path=weights_path, model_type=model_type, task=task, num_classes=num_classes,
+                image_size=image_size, class_names=list(class_names), export_dir=export_dir,
+                evaluation=evaluation or {})
     if keras.backend.backend() != "tensorflow":
-        return _export_in_child(weights_path, model_type, num_classes, image_size, class_names, export_dir, thresholds)
+        return _export_in_child(spec)
     import tensorflow as tf
 
     from trainer import images, models
@@ -39,12 +50,10 @@ def export_saved_model(weights_path, model_type, num_classes, image_size, class_
     model = models.build_model(model_type, num_classes, image_size, one_pass_moments=False)
     model.load_weights(weights_path)
     names = tf.constant(list(class_names))
+    task_outputs = TASKS[task].export_outputs
 
     def outputs(uint8_images):
-        logits = model(uint8_images, training=False)
-        if thresholds is None:
-            return _single_label_outputs(tf.nn.softmax(logits, axis=-1), names, min(5, num_classes))
-        return _multi_label_outputs(tf.sigmoid(logits), names, tf.constant(thresholds, tf.float32))
+        return task_outputs(model(uint8_images, training=False), names, evaluation or {})
 
     def serve_bytes(image_bytes):
         decoded = tf.map_fn(
@@ -63,59 +72,12 @@ def export_saved_model(weights_path, model_type, num_classes, image_size, class_
     # TF Serving's REST API base64-decodes inputs whose name ends in _bytes.
     archive.add_endpoint("serving_default", serve_bytes, input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
     archive.add_endpoint("serving_images", serve_images, input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8, name="images")])
-    task = "classification" if thresholds is None else "multi_label"
     archive.add_endpoint("metadata", lambda: {"class_names": names, "task": tf.constant(task), "image_size": tf.constant(image_size)},
                          input_signature=[])
-    tmp = f"{export_dir.rstrip('/')}.tmp-{os.getpid()}"
-    if tf.io.gfile.exists(tmp):
-        tf.io.gfile.rmtree(tmp)
-    archive.write_out(tmp, verbose=False)
-    _replace_dir(tmp, export_dir)
+    files.write_folder_atomic(export_dir, lambda tmp: archive.write_out(tmp, verbose=False))
 
 
-def _single_label_outputs(probabilities, names, k):
-    import tensorflow as tf
-
-    top = tf.math.top_k(probabilities, k=k)
-    return {
-        "probabilities": probabilities,
-        "classes": tf.cast(top.indices, tf.int64),
-        "scores": top.values,
-        "class_names": tf.gather(names, top.indices),
-    }
-
-
-def _multi_label_outputs(probabilities, names, thresholds):
-    import tensorflow as tf
-
-    predictions = probabilities >= thresholds
-    # Rank predicted classes first (by probability), then pad the rest.
-    order = tf.argsort(probabilities + tf.cast(predictions, tf.float32) * 2.0, axis=-1, direction="DESCENDING")
-    chosen = tf.gather(predictions, order, batch_dims=1)
-    return {
-        "probabilities": probabilities,
-        "predictions": predictions,
-        "classes": tf.where(chosen, tf.cast(order, tf.int64), tf.constant(-1, tf.int64)),
-        "scores": tf.where(chosen, tf.gather(probabilities, order, batch_dims=1), 0.0),
-        "class_names": tf.where(chosen, tf.gather(names, order), ""),
-    }
-
-
-def _replace_dir(new, target):
-    """Puts `new` at `target`; an older `target` is removed only once `new` is in place."""
-    import tensorflow as tf
-
-    old = f"{target.rstrip('/')}.old-{os.getpid()}"
-    if tf.io.gfile.exists(target):
-        tf.io.gfile.rename(target, old)
-    tf.io.gfile.rename(new, target)
-    if tf.io.gfile.exists(old):
-        tf.io.gfile.rmtree(old)
-
-
-def _export_in_child(weights_path, model_type, num_classes, image_size, class_names, export_dir, thresholds):
-    spec = dict(weights_path=weights_path, model_type=model_type, num_classes=num_classes, image_size=image_size,
-                class_names=list(class_names), export_dir=export_dir, thresholds=thresholds)
+def _export_in_child(spec):
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:  # local even for a gs:// job-dir
         json.dump(spec, f)
     # The child needs no GPU: leave the devices to the JAX process that waits for it.

@@ -1,10 +1,10 @@
-"""Backbone registry and the classifier built around it.
+"""The network: a backbone from the table (backbones.py) with a dense head, and its optimizer.
 
-BACKBONES maps each model_type to a function (input_shape) -> keras.Model that
-returns pooled features. Every builder works offline: ResNets are KerasHub
-ResNetBackbones built from config, EfficientNets keras.applications with
-weights=None. The classifier takes uint8 RGB images and does its own
-normalisation, so callers never preprocess.
+One builder per backbone family turns a table entry into a function
+(input_shape) -> keras.Model of pooled features. Every builder works
+offline: ResNets are KerasHub ResNetBackbones built from config,
+EfficientNets keras.applications with weights=None. The model takes uint8
+RGB images and does its own normalisation, so callers never preprocess.
 """
 
 import functools
@@ -13,7 +13,8 @@ import tempfile
 
 import keras
 
-from trainer.config import UserError
+from trainer.backbones import BACKBONES
+from trainer.cli import UserError
 
 IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
 IMAGENET_VARIANCE = ((0.229 * 255) ** 2, (0.224 * 255) ** 2, (0.225 * 255) ** 2)
@@ -26,7 +27,7 @@ def _resnet(block_type, blocks, input_shape):
         input_conv_filters=[64],
         input_conv_kernel_sizes=[7],
         stackwise_num_filters=[64, 128, 256, 512],
-        stackwise_num_blocks=blocks,
+        stackwise_num_blocks=list(blocks),
         stackwise_num_strides=[1, 2, 2, 2],
         block_type=block_type,
         use_pre_activation=False,
@@ -38,24 +39,20 @@ def _resnet(block_type, blocks, input_shape):
     return keras.Model(inputs, x, name="backbone")
 
 
-def _efficientnet(application, input_shape, weights=None):
+def _efficientnet(application_name, input_shape, weights=None):
     # keras.applications' EfficientNets rescale and normalise 0-255 input themselves.
+    application = getattr(keras.applications, application_name)
     net = application(include_top=False, weights=weights, input_shape=input_shape, pooling="avg")
     return keras.Model(net.input, net.output, name="backbone")
 
 
-BACKBONES = {
-    "resnet-18": functools.partial(_resnet, "basic_block", [2, 2, 2, 2]),
-    "resnet-34": functools.partial(_resnet, "basic_block", [3, 4, 6, 3]),
-    "resnet-50": functools.partial(_resnet, "bottleneck_block", [3, 4, 6, 3]),
-    "resnet-101": functools.partial(_resnet, "bottleneck_block", [3, 4, 23, 3]),
-    "resnet-152": functools.partial(_resnet, "bottleneck_block", [3, 8, 36, 3]),
-    "resnet-200": functools.partial(_resnet, "bottleneck_block", [3, 24, 36, 3]),
-    **{
-        f"efficientnet-b{i}": functools.partial(_efficientnet, getattr(keras.applications, f"EfficientNetB{i}"))
-        for i in range(8)
-    },
-}
+_FAMILIES = {"resnet": _resnet, "efficientnet": _efficientnet}
+
+
+def backbone_builder(model_type):
+    """(input_shape, **kwargs) -> keras.Model of pooled features, for a --model_type of the table."""
+    entry = BACKBONES[model_type]
+    return functools.partial(_FAMILIES[entry.family], *entry.args)
 
 
 def build_model(model_type, num_classes, image_size, weight_decay=0.0, seed=None, one_pass_moments=None,
@@ -71,7 +68,7 @@ def build_model(model_type, num_classes, image_size, weight_decay=0.0, seed=None
         keras.utils.set_random_seed(seed)
     inputs = keras.Input((image_size, image_size, 3), dtype="uint8", name="image")
     x = keras.layers.Rescaling(1.0, name="to_float")(inputs)  # uint8 -> compute dtype
-    backbone = BACKBONES[model_type]
+    backbone = backbone_builder(model_type)
     x = (backbone((image_size, image_size, 3), weights="imagenet") if imagenet else backbone((image_size, image_size, 3)))(x)
     logits = keras.layers.Dense(num_classes, dtype="float32", name="logits")(x)
     model = keras.Model(inputs, logits, name=model_type.replace("-", "_"))
@@ -114,17 +111,12 @@ def make_optimizer(optimizer_type, learning_rate, optimizer_arguments=()):
     return keras.optimizers.RMSprop(learning_rate=learning_rate, **kwargs)
 
 
-def compile_classifier(model, optimizer, num_classes, label_smoothing=0.0, multi_label=False, **compile_kwargs):
-    """The training step the trainer runs (and bench/ measures).
+def compile_model(model, optimizer, loss, **compile_kwargs):
+    """The training step the trainer runs (and bench/ measures): the task's loss, no metrics.
 
-    Softmax cross-entropy on one-hot labels, or for multi_label sigmoid binary
-    cross-entropy on multi-hot labels. Evaluation metrics are computed apart,
-    exactly, from predictions (trainer/metrics.py), so none are compiled in.
+    Evaluation metrics are computed apart, exactly, from predictions
+    (tasks.py, metrics.py), so none are compiled in.
     """
-    if multi_label:
-        loss = keras.losses.BinaryCrossentropy(from_logits=True, label_smoothing=label_smoothing)
-    else:
-        loss = keras.losses.CategoricalCrossentropy(from_logits=True, label_smoothing=label_smoothing)
     model.compile(optimizer=optimizer, loss=loss, **compile_kwargs)
 
 

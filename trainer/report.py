@@ -1,31 +1,12 @@
-"""What a run tells the world: progress lines, metrics.json, the hypertune
-metrics file, TensorBoard summaries, and atomic file writes for all of them.
+"""What a run tells the world: the progress line, the hypertune metrics file and
+TensorBoard summaries (metrics.json is written by train.py through files.py).
 """
 
 import json
 import os
-import sys
 import time
 
 HYPERTUNE_FILE_DEFAULT = "/tmp/hypertune/output.metrics"
-
-
-def gfile():
-    import tensorflow as tf  # only for gs:// and atomic renames; absent on the GPU bench machine
-
-    return tf.io.gfile
-
-
-def write_atomic(path, text):
-    """Writes text so a reader (or a crash) never sees half a file."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with gfile().GFile(tmp, "w") as f:
-        f.write(text)
-    gfile().rename(tmp, path, overwrite=True)
-
-
-def write_json(path, value):
-    write_atomic(path, json.dumps(value, indent=2, sort_keys=True) + "\n")
 
 
 def append_hypertune(metric_tag, value, step):
@@ -81,30 +62,3 @@ def progress_line(step, max_steps, loss, learning_rate, images_per_second, eta_s
         f"step {step:>{width}}/{max_steps}  loss {loss:.4f}  lr {learning_rate:.3g}  "
         f"{images_per_second:,.0f} img/s  eta {format_duration(eta_seconds)}"
     )
-
-
-def import_tensorflow_quietly():
-    """Imports TensorFlow with its C++ start-up chatter (oneDNN, CUDA probes) kept off stderr.
-
-    TF_CPP_MIN_LOG_LEVEL no longer silences those lines. A user who sets it to
-    0 sees everything; a failing import still raises after stderr is restored.
-    """
-    if os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2") == "0":
-        import tensorflow  # noqa: F401
-
-        return
-    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
-    sys.stderr.flush()
-    os.dup2(devnull, 2)
-    try:
-        import tensorflow as tf
-
-        tf.config.list_physical_devices()  # the CUDA probe logs here, once
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(devnull)
-
-
-def say(text):
-    print(text, file=sys.stdout, flush=True)

@@ -1,0 +1,198 @@
+"""Command-line plumbing shared by every entry point (trainer.task, trainer.sample_data,
+trainer.serving.predict, trainer.serving.serve, hptuning.study).
+
+Owns: UserError and the one way a user mistake ends a program (`fail`: one
+`error:` line, exit status 2); defining absl flags from a table of `Flag`s and
+parsing the command line; the `--help` text, grouped as the table groups the
+flags; the job-dir flags; the quiet TensorFlow import; and `say`, the one way
+a program prints a line of progress. Nothing here imports TensorFlow or Keras
+at import time.
+"""
+
+import dataclasses
+import os
+import sys
+import textwrap
+import threading
+
+
+class UserError(Exception):
+    """A mistake the user can fix; reported as one line, without a traceback."""
+
+
+def fail(message):
+    """Ends the program after a user mistake: one `error:` line on stderr, exit status 2."""
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+_say_lock = threading.Lock()
+
+
+def say(text):
+    """One line of progress on stdout, whole even when several threads print (the study driver's trials)."""
+    with _say_lock:
+        print(text, file=sys.stdout, flush=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class Flag:
+    """One command-line flag: its type, default, help and where --help shows it.
+
+    kind: "string" | "integer" | "float" | "boolean", or a structured value
+    read from a string: "int_list" and "float_list" ('100,200') and "pairs"
+    ('momentum=0.9,nesterov=true'). The trainer's own table (trainer/schema.py)
+    also says which flags a resume must keep (fingerprint) and which a study
+    may tune (tunable).
+    """
+
+    name: str
+    kind: str
+    default: object
+    help: str
+    group: str
+    choices: tuple = ()
+    required: bool = False
+    fingerprint: bool = False
+    tunable: bool = False
+
+    @property
+    def absl_type(self):
+        """The type absl parses (structured kinds arrive as strings and are parsed by config.py)."""
+        return {"integer": "int", "float": "float", "boolean": "bool"}.get(self.kind, "string")
+
+    def shown_default(self):
+        if self.default is None or self.default == "":
+            return ""
+        if self.kind == "boolean":
+            return "true" if self.default else "false"
+        return str(self.default)
+
+
+def define(table, flag_values):
+    """Defines every Flag of table in flag_values (required ones default to None: main() reports them)."""
+    from absl import flags
+
+    definers = {"int": flags.DEFINE_integer, "float": flags.DEFINE_float, "bool": flags.DEFINE_boolean,
+                "string": flags.DEFINE_string}
+    for flag in table:
+        default = None if flag.required else flag.default
+        definers[flag.absl_type](flag.name, default, flag.help, flag_values=flag_values)
+
+
+@dataclasses.dataclass(frozen=True)
+class Program:
+    """What --help says about an entry point besides its flags."""
+
+    usage: str  # e.g. "python -m trainer.task --flag=value ..."
+    summary: str  # one sentence: what it does
+    example: str  # a command a user can copy
+    groups: tuple  # group names in the order --help shows them
+    notes: str = ""  # a closing paragraph (where the flags' values may also come from)
+
+
+def help_text(program, table):
+    """A tool's help: usage, one sentence, an example, then the flags by group; required ones marked."""
+    lines = [f"usage: {program.usage}", "", program.summary, "", "example:", f"  {program.example}", ""]
+    for group in program.groups:
+        members = [flag for flag in table if flag.group == group]
+        if not members:
+            continue
+        lines.append(f"{group}:")
+        for flag in members:
+            value = {"boolean": "", "integer": "=N", "float": "=X"}.get(flag.kind, "=TEXT")
+            head = f"  --{flag.name}{value}" + ("    [required]" if flag.required else "")
+            notes = []
+            if not flag.required and flag.shown_default():
+                notes.append(f"default {flag.shown_default()}")
+            if flag.choices:
+                notes.append("one of " + " | ".join(flag.choices))
+            text = flag.help + (f" ({'; '.join(notes)})" if notes else "")
+            body = textwrap.wrap(text, width=100, initial_indent=" " * 6, subsequent_indent=" " * 6)
+            lines.append(head)
+            lines.extend(body)
+        lines.append("")
+    lines.append("general:")
+    lines.append("  --flagfile=FILE")
+    lines.append("      Read flags from FILE, one --flag=value per line; flags after it override it.")
+    lines.append("  --help")
+    lines.append("      Show this help and exit.")
+    if program.notes:
+        lines += [""] + textwrap.wrap(program.notes, width=100)
+    return "\n".join(lines) + "\n"
+
+
+def parse_command_line(flag_values, argv=None, help_of=None):
+    """Parses argv into absl flag_values; a misspelt flag, a bad value or a stray argument ends in fail().
+
+    help_of: a (Program, table) pair; --help prints help_text() of it and exits 0.
+    """
+    from absl import flags
+
+    argv = list(sys.argv if argv is None else argv)
+    if any(arg in ("-h", "--help", "--helpfull") for arg in argv[1:]):
+        print(help_text(*help_of) if help_of else flag_values.get_help(), end="")
+        sys.exit(0)
+    try:
+        rest = flag_values(argv)
+    except flags.Error as e:
+        fail(str(e).replace("\n", " "))
+    if len(rest) > 1:
+        fail(f"unexpected argument {rest[1]!r}; flags are written --name=value")
+
+
+def missing_flags(flag_values, table):
+    """The required flags of table that were not given."""
+    return [flag.name for flag in table if flag.required and flag_values[flag.name].value is None]
+
+
+def require(names, help_hint="see --help"):
+    """Raises one UserError naming every missing required flag together."""
+    if names:
+        listed = ", ".join(f"--{name}" for name in names)
+        raise UserError(f"{listed} {'is' if len(names) == 1 else 'are'} required ({help_hint})")
+
+
+JOB_DIR_FLAGS = (
+    Flag("job-dir", "string", None, "Output folder, local or gs://.", "outputs"),
+    Flag("job_dir", "string", None, "Same as --job-dir.", "outputs"),
+)
+
+
+def job_dir_from_flags(flag_values, what, environ=os.environ):
+    """The one job-dir of --job-dir / --job_dir; from $AIP_MODEL_DIR's parent when neither is given.
+
+    what: the help for the error when none is given, e.g. "an output folder, local or gs://".
+    """
+    dashed, underscored = flag_values["job-dir"].value, flag_values["job_dir"].value
+    if dashed and underscored and dashed != underscored:
+        raise UserError("--job-dir and --job_dir disagree; give one of them")
+    job_dir = dashed or underscored
+    if not job_dir and environ.get("AIP_MODEL_DIR"):
+        job_dir = os.path.dirname(environ["AIP_MODEL_DIR"].rstrip("/"))
+    if not job_dir:
+        raise UserError(f"--job-dir is required ({what})")
+    return job_dir
+
+
+def import_tensorflow_quietly():
+    """Imports TensorFlow with its C++ start-up chatter (oneDNN, CUDA probes) kept off stderr.
+
+    TF_CPP_MIN_LOG_LEVEL no longer silences those lines. A user who sets it to
+    0 sees everything; a failing import still raises after stderr is restored.
+    """
+    if os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2") == "0":
+        import tensorflow  # noqa: F401
+
+        return
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    sys.stderr.flush()
+    os.dup2(devnull, 2)
+    try:
+        import tensorflow as tf
+
+        tf.config.list_physical_devices()  # the CUDA probe logs here, once
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)

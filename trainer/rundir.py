@@ -1,0 +1,66 @@
+"""Where a run writes: every output path of a job-dir, in one place.
+
+    JOB_DIR/model/          the SavedModel of the best evaluation   ($AIP_MODEL_DIR when set)
+    JOB_DIR/checkpoints/    what a resume needs (checkpoints.py)    ($AIP_CHECKPOINT_DIR)
+    JOB_DIR/logs/           TensorBoard                             ($AIP_TENSORBOARD_LOG_DIR)
+    JOB_DIR/config.json     the resolved flags
+    JOB_DIR/metrics.json    every evaluation and the best
+    JOB_DIR/labels.txt      class names in label order
+
+Vertex AI's AIP_* variables win where set. Only the chief of several
+processes writes the job-dir; the others write the same files into a scratch
+folder of their own (saving weights is a collective step, so every process
+saves) and read the chief's checkpoints to resume.
+"""
+
+import dataclasses
+import os
+import shutil
+import tempfile
+
+from trainer import files
+from trainer.cli import UserError
+
+
+@dataclasses.dataclass(frozen=True)
+class RunDir:
+    job_dir: str  # the user's --job-dir
+    root: str  # where this process writes config.json, metrics.json, labels.txt
+    model: str
+    checkpoints: str  # the chief's checkpoints: every process resumes from them
+    own_checkpoints: str  # where this process writes its checkpoints
+    logs: str
+    is_chief: bool
+
+    def file(self, name):
+        return os.path.join(self.root, name)
+
+
+def open_run_dir(job_dir, is_chief, worker_index=0, environ=os.environ):
+    """The chief's RunDir (checked writable), or a worker's, writing to a fresh scratch folder."""
+    checkpoints = environ.get("AIP_CHECKPOINT_DIR") or os.path.join(job_dir, "checkpoints")
+    if not is_chief:
+        scratch = tempfile.mkdtemp(prefix=f"worker{worker_index}-")
+        return RunDir(job_dir, scratch, os.path.join(scratch, "model"), checkpoints,
+                      os.path.join(scratch, "checkpoints"), os.path.join(scratch, "logs"), False)
+    run_dir = RunDir(job_dir, job_dir, environ.get("AIP_MODEL_DIR") or os.path.join(job_dir, "model"), checkpoints,
+                     checkpoints, environ.get("AIP_TENSORBOARD_LOG_DIR") or os.path.join(job_dir, "logs"), True)
+    for folder, flag in ((job_dir, "--job-dir"), (checkpoints, "the checkpoints folder"), (run_dir.logs, "the logs folder")):
+        _check_writable(folder, flag)
+    return run_dir
+
+
+def _check_writable(folder, flag):
+    probe = os.path.join(folder, ".write_test")
+    try:
+        files.makedirs(folder)
+        files.write_atomic(probe, "ok")
+        files.remove(probe)
+    except Exception as e:  # noqa: BLE001 - any failure here means "cannot write"
+        raise UserError(f"{flag}: cannot write to {folder} ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+
+
+def close_run_dir(run_dir):
+    """Removes a worker's scratch folder (its copies of the chief's files); the chief's job-dir stays."""
+    if not run_dir.is_chief:
+        shutil.rmtree(run_dir.root, ignore_errors=True)

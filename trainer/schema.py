@@ -1,0 +1,119 @@
+"""The trainer's flags, each defined once: name, type, default, help, group, choices,
+whether a resume must keep it (fingerprint) and whether a study may tune it.
+
+Everything else derives from this table: the absl flags and --help
+(trainer/task.py), the Config dataclass and its choice checks
+(trainer/config.py), the run fingerprint a resume is checked against
+(trainer/checkpoints.py), and the flag types the study driver checks its
+search space against (hptuning/). Flag names, defaults and meanings follow
+Google's built-in image classification algorithm where it has the flag.
+Nothing here imports TensorFlow or Keras.
+"""
+
+from trainer.backbones import BACKBONES
+from trainer.cli import JOB_DIR_FLAGS, Flag
+from trainer.tasks import TASKS
+
+GROUPS = ("data", "model", "optimisation", "evaluation", "outputs", "distribution")
+OPTIMIZERS = ("momentum", "adam", "rmsprop")
+DECAY_TYPES = ("cosine", "stepwise")
+
+
+def _flag(name, kind, default, help, group, **kwargs):  # noqa: A002 - the Flag field's name
+    return Flag(name, kind, default, help, group, **kwargs)
+
+
+TRAINER_FLAGS = (
+    # data
+    _flag("training_data_path", "string", None, "TFRecord glob, folder with one subfolder per class, or image-list "
+          ".txt/.lst file (local or gs://).", "data", required=True, fingerprint=True),
+    _flag("validation_data_path", "string", None, "Same forms as --training_data_path; evaluated every "
+          "--eval_frequency steps.", "data", required=True),
+    _flag("num_classes", "integer", None, "Number of classes; labels must lie in [0, num_classes) after "
+          "--label_offset.", "data", required=True, fingerprint=True),
+    _flag("task", "string", "classification", "classification: one label per image (softmax); multi_label: any "
+          "number (sigmoid).", "data", choices=tuple(TASKS), fingerprint=True),
+    _flag("image_key", "string", "image/encoded", "TFRecord feature holding the encoded image.", "data"),
+    _flag("label_key", "string", "image/class/label", "TFRecord feature holding the integer label(s).", "data"),
+    _flag("label_offset", "integer", 0, "Subtracted from every label (1 for Google's 1-based converters).", "data"),
+    _flag("label_map_path", "string", "", "Text file with one class name per line, in label order.", "data"),
+    _flag("max_corrupt_fraction", "float", 0.01, "Stop with an error when more than this fraction of images cannot "
+          "be decoded.", "data"),
+    _flag("random_flip", "boolean", True, "Flip training images left-right at random (turn off for text or digits).",
+          "data", tunable=True),
+    _flag("random_crop_min_area", "float", 0.08, "Smallest fraction of an image a random training crop keeps.",
+          "data", tunable=True),
+    # model
+    _flag("model_type", "string", "efficientnet-b0", "The backbone; nothing is downloaded.", "model",
+          choices=tuple(BACKBONES), fingerprint=True, tunable=True),
+    _flag("image_size", "integer", 224, "Side in pixels of the square image the network sees.", "model",
+          fingerprint=True, tunable=True),
+    _flag("pretrained_checkpoint_path", "string", "", "Weights (.weights.h5 or .keras, local or gs://) of the same "
+          "model_type, the head skipped when num_classes differs; or 'imagenet' (efficientnet-*: Keras downloads "
+          "them).", "model"),
+    _flag("precision", "string", "float32", "Compute precision.", "model",
+          choices=("float32", "mixed_bfloat16", "mixed_float16")),
+    _flag("backend", "string", "tensorflow", "Keras backend; when not given, $KERAS_BACKEND if set.", "model",
+          choices=("tensorflow", "jax")),
+    # optimisation
+    _flag("max_steps", "integer", None, "Training steps (batches).", "optimisation", required=True, tunable=True),
+    _flag("train_batch_size", "integer", 32, "Images per training step (over every device).", "optimisation",
+          fingerprint=True, tunable=True),
+    _flag("optimizer_type", "string", "momentum", "momentum is SGD with momentum 0.9 unless --optimizer_arguments "
+          "says otherwise.", "optimisation", choices=OPTIMIZERS, fingerprint=True, tunable=True),
+    _flag("optimizer_arguments", "pairs", "", "name=value pairs for the optimizer, e.g. "
+          "'momentum=0.9,nesterov=true'.", "optimisation", fingerprint=True),
+    _flag("learning_rate_decay_type", "string", "cosine", "cosine: to 0 at --max_steps; stepwise: "
+          "--stepwise_learning_rate_steps and _levels.", "optimisation", choices=DECAY_TYPES, tunable=True),
+    _flag("initial_learning_rate", "float", 0.0001, "Learning rate after warmup (cosine starts its decay from it).",
+          "optimisation", tunable=True),
+    _flag("warmup_learning_rate", "float", 0.0, "Learning rate at step 0; rises linearly to initial_learning_rate "
+          "over warmup_steps.", "optimisation", tunable=True),
+    _flag("warmup_steps", "integer", 0, "Steps of linear warmup.", "optimisation", tunable=True),
+    _flag("stepwise_learning_rate_steps", "int_list", "100,200", "Stepwise decay: steps at which the learning rate "
+          "changes.", "optimisation", tunable=True),
+    _flag("stepwise_learning_rate_levels", "float_list", "0.008,0.0008", "Stepwise decay: the learning rate from "
+          "each of those steps on.", "optimisation", tunable=True),
+    _flag("weight_decay", "float", 0.0001, "loss = task loss + weight_decay * sum(w**2)/2 over conv and dense "
+          "kernels.", "optimisation", tunable=True),
+    _flag("label_smoothing", "float", 0.0, "Label smoothing in [0, 1).", "optimisation", tunable=True),
+    _flag("seed", "integer", 42, "Seed for initialisation, shuffling and augmentation.", "optimisation",
+          fingerprint=True),
+    # evaluation
+    _flag("eval_frequency", "integer", 1000, "Steps between evaluations; one always runs at max_steps.",
+          "evaluation"),
+    _flag("eval_batch_size", "integer", 32, "Images per evaluation batch.", "evaluation"),
+    _flag("num_eval_images", "integer", 0, "Validation images per evaluation (a seeded draw); 0 = all.",
+          "evaluation"),
+    _flag("hyperparameter_metric_tag", "string", "", "Metric that picks the best evaluation and is reported for "
+          "tuning; default top_1_accuracy, or mAP for multi_label.", "evaluation"),
+    _flag("multi_label_threshold", "string", "0.5", "multi_label: a probability, or 'auto' for per-class "
+          "thresholds that maximise F1 on validation; stored in the export.", "evaluation", tunable=True),
+    _flag("eval_each_category", "boolean", False, "Also report every class's AP, precision, recall and F1 "
+          "(multi_label) in metrics.json and TensorBoard.", "evaluation"),
+    # outputs
+    *JOB_DIR_FLAGS,
+    _flag("log_frequency", "integer", 100, "Steps between progress lines.", "outputs"),
+)
+
+# Flags that are not Config fields: where the run writes is not part of what it is.
+NOT_CONFIG = tuple(flag.name for flag in JOB_DIR_FLAGS)
+BY_NAME = {flag.name: flag for flag in TRAINER_FLAGS}
+
+
+def config_flags():
+    return tuple(flag for flag in TRAINER_FLAGS if flag.name not in NOT_CONFIG)
+
+
+def fingerprint_fields():
+    """Settings a resume must keep: the weights, optimizer slots or data position would not mean the same."""
+    return tuple(flag.name for flag in TRAINER_FLAGS if flag.fingerprint)
+
+
+def flag_types():
+    """{flag name: absl type name} of every trainer flag a study may set (its fixed flags and its parameters)."""
+    return {flag.name: flag.absl_type for flag in config_flags()}
+
+
+def tunable():
+    return tuple(flag.name for flag in TRAINER_FLAGS if flag.tunable)

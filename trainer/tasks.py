@@ -1,0 +1,142 @@
+"""What a task is: one Task per --task, and the only place that tells them apart.
+
+A Task says how labels are read (one id or several per image), how they
+become targets, the loss, how logits become probabilities, how an
+evaluation is scored, which metrics it reports for tuning (the first picks
+the best evaluation unless --hyperparameter_metric_tag names another), and
+what the exported SavedModel returns. Classification and multi-label are two
+instances of one dataclass; a new task is a new instance here, and nothing
+else in the trainer asks which task it runs. TensorFlow, Keras and NumPy are
+imported inside the functions, so the flag table can list the tasks without them.
+"""
+
+import dataclasses
+from typing import Callable
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    name: str
+    metrics: tuple  # evaluation metrics it can tune on, higher is better; the first is the default
+    several_labels: bool  # labels are lists of ids (TFRecord VarLen feature, 'path 1,4,7' lines)
+    target: Callable  # (label ids tensor, num_classes) -> float target vector
+    loss: Callable  # (label_smoothing) -> Keras loss on logits
+    evaluate: Callable  # (logits [N, C] float64, targets [N, C], settings) -> {metric: value, ...}
+    export_outputs: Callable  # (logits tensor, class names tensor, evaluation) -> {output: tensor}
+
+    def metrics_for(self, num_classes):
+        """The metrics an evaluation with num_classes classes reports for tuning."""
+        return tuple(m for m in self.metrics if m != "top_5_accuracy" or num_classes > 5)
+
+
+@dataclasses.dataclass(frozen=True)
+class EvaluationSettings:
+    threshold: str = "0.5"  # multi-label: a probability, or "auto" (per-class F1-best)
+    class_names: tuple = None  # set: report per-class figures too
+
+
+# Classification: one label per image, softmax.
+
+def _one_hot(label, num_classes):
+    import tensorflow as tf
+
+    return tf.one_hot(label, num_classes)
+
+
+def _categorical_loss(label_smoothing):
+    import keras
+
+    return keras.losses.CategoricalCrossentropy(from_logits=True, label_smoothing=label_smoothing)
+
+
+def _softmax(logits):
+    import numpy as np
+
+    exp = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return exp / exp.sum(axis=1, keepdims=True)
+
+
+def _evaluate_classification(logits, targets, settings):
+    from trainer import metrics
+
+    return metrics.classification(_softmax(logits), targets.argmax(axis=1))
+
+
+def _classification_outputs(logits, names, evaluation):
+    """probabilities [B, C] and the top k = min(5, C) classes, scores and class_names."""
+    import tensorflow as tf
+
+    probabilities = tf.nn.softmax(logits, axis=-1)
+    top = tf.math.top_k(probabilities, k=min(5, int(logits.shape[-1])))
+    return {
+        "probabilities": probabilities,
+        "classes": tf.cast(top.indices, tf.int64),
+        "scores": top.values,
+        "class_names": tf.gather(names, top.indices),
+    }
+
+
+# Multi-label: any number of labels per image, a sigmoid per class.
+
+def _multi_hot(label, num_classes):
+    import tensorflow as tf
+
+    return tf.minimum(tf.reduce_sum(tf.one_hot(label, num_classes), axis=0), 1.0)
+
+
+def _binary_loss(label_smoothing):
+    import keras
+
+    return keras.losses.BinaryCrossentropy(from_logits=True, label_smoothing=label_smoothing)
+
+
+def _evaluate_multi_label(logits, targets, settings):
+    """Metrics at the thresholds, which the result carries (the best evaluation's go into the export)."""
+    import numpy as np
+
+    from trainer import metrics
+
+    probabilities = 1 / (1 + np.exp(-logits))
+    if settings.threshold == "auto":
+        thresholds = metrics.best_f1_thresholds(probabilities, targets)
+    else:
+        thresholds = np.full(targets.shape[1], float(settings.threshold))
+    result = metrics.multi_label(probabilities, targets, thresholds, settings.class_names)
+    return {**result, "thresholds": [float(t) for t in thresholds]}
+
+
+def _multi_label_outputs(logits, names, evaluation):
+    """probabilities, predictions (bool per class, the evaluation's thresholds), and the predicted
+    classes / scores / class_names [B, C], most probable first, padded with -1 / 0 / ""."""
+    import tensorflow as tf
+
+    probabilities = tf.sigmoid(logits)
+    predictions = probabilities >= tf.constant(evaluation["thresholds"], tf.float32)
+    order = tf.argsort(probabilities + tf.cast(predictions, tf.float32) * 2.0, axis=-1, direction="DESCENDING")
+    chosen = tf.gather(predictions, order, batch_dims=1)
+    return {
+        "probabilities": probabilities,
+        "predictions": predictions,
+        "classes": tf.where(chosen, tf.cast(order, tf.int64), tf.constant(-1, tf.int64)),
+        "scores": tf.where(chosen, tf.gather(probabilities, order, batch_dims=1), 0.0),
+        "class_names": tf.where(chosen, tf.gather(names, order), ""),
+    }
+
+
+CLASSIFICATION = Task(
+    name="classification", metrics=("top_1_accuracy", "top_5_accuracy"), several_labels=False,
+    target=_one_hot, loss=_categorical_loss, evaluate=_evaluate_classification,
+    export_outputs=_classification_outputs,
+)
+MULTI_LABEL = Task(
+    name="multi_label", metrics=("mAP", "macro_f1", "micro_f1", "macro_precision", "macro_recall", "micro_precision",
+                                 "micro_recall", "exact_match"),
+    several_labels=True, target=_multi_hot, loss=_binary_loss, evaluate=_evaluate_multi_label,
+    export_outputs=_multi_label_outputs,
+)
+TASKS = {task.name: task for task in (CLASSIFICATION, MULTI_LABEL)}
+
+
+def all_metrics():
+    """Every metric some task reports for tuning (the study driver checks its metric against them)."""
+    return tuple(dict.fromkeys(m for task in TASKS.values() for m in task.metrics))
