@@ -26,7 +26,7 @@ def main(argv=None):
     a = p.parse_args(argv)
     os.environ.setdefault("KERAS_BACKEND", "tensorflow")
     from trainer.export import export_saved_model
-    from trainer.report import import_tensorflow_quietly
+    from trainer.cli import import_tensorflow_quietly
 
     import_tensorflow_quietly()
     import tensorflow as tf
@@ -34,14 +34,15 @@ def main(argv=None):
     held_out = np.load(os.path.join(a.saved, "digits_held_out.npz"))
     with tempfile.TemporaryDirectory() as tmp:
         export_dir = os.path.join(tmp, "model")
-        export_saved_model(os.path.join(a.saved, "digits.weights.h5"), a.model_type, 10, 32,
+        export_saved_model(os.path.join(a.saved, "digits.weights.h5"), a.model_type, "classification", 10, 32,
                            [str(i) for i in range(10)], export_dir)
         served = tf.saved_model.load(export_dir).signatures["serving_images"]
         cpu = served(images=tf.constant(held_out["images"]))["probabilities"].numpy()
     gpu = held_out["probabilities"]
     labels = held_out["labels"]
     agree = np.mean(np.argmax(cpu, -1) == np.argmax(gpu, -1))
-    print("| held-out images | GPU accuracy (JAX, bf16) | exported on CPU TF (float32) accuracy | same top-1 | max abs prob diff | mean abs prob diff |")
+    print("| held-out images | GPU accuracy (JAX, bf16) | exported on CPU TF (float32) accuracy | same top-1 "
+          "| max abs prob diff | mean abs prob diff |")
     print(f"| {len(labels)} | {np.mean(np.argmax(gpu, -1) == labels):.4f} | {np.mean(np.argmax(cpu, -1) == labels):.4f} "
           f"| {agree:.4f} | {np.max(np.abs(cpu - gpu)):.4f} | {np.mean(np.abs(cpu - gpu)):.5f} |")
 

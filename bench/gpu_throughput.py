@@ -1,7 +1,7 @@
 """Training throughput of the trainer's own step on one accelerator (issue 5).
 
 Drives exactly what trainer/train.py runs (models.build_model, make_optimizer,
-compile_classifier, then keras `fit`) on synthetic uint8 images, and prints
+compile_model, then keras `fit`) on synthetic uint8 images, and prints
 img/s after warm-up, step time, peak device memory and the share of the
 compute ceiling. Runs with KERAS_BACKEND=jax, TensorFlow not needed:
 
@@ -30,16 +30,18 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import keras  # noqa: E402
+import keras
 
-from trainer import models  # noqa: E402
+from trainer import models
+from trainer.backbones import BACKBONES
+from trainer.tasks import CLASSIFICATION
 
 NUM_CLASSES = 1000
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model_type", default="resnet-50", choices=sorted(models.BACKBONES))
+    p.add_argument("--model_type", default="resnet-50", choices=sorted(BACKBONES))
     p.add_argument("--batch_size", type=int, default=256)
     p.add_argument("--image_size", type=int, default=224)
     p.add_argument("--precision", default="mixed_bfloat16", choices=("float32", "mixed_bfloat16", "mixed_float16"))
@@ -85,7 +87,7 @@ def build(model_type, image_size, precision, steps_per_execution, num_classes=NU
     one_pass = {"auto": None, "keras": False, "one_pass": True}[bn_moments]
     model = models.build_model(model_type, num_classes, image_size, weight_decay=1e-4, seed=0, one_pass_moments=one_pass)
     optimizer = models.make_optimizer("momentum", learning_rate)
-    models.compile_classifier(model, optimizer, num_classes, label_smoothing=0.1, steps_per_execution=steps_per_execution)
+    models.compile_model(model, optimizer, CLASSIFICATION.loss(0.1), steps_per_execution=steps_per_execution)
     return model
 
 
@@ -294,8 +296,9 @@ def main(argv=None):
     a.devices = 1
     if a.data_parallel:
         from trainer import distribute
+        from trainer.cluster import Cluster
 
-        _, a.devices = distribute.setup("jax", distribute.Cluster((), 0))
+        _, a.devices = distribute.setup("jax", Cluster((), 0))
         a.batch_size *= a.devices
     result = digits_check(a) if a.digits else measure(a)
     if a.json:
@@ -304,7 +307,8 @@ def main(argv=None):
     if a.digits:
         return
     print("| model | devices | batch | precision | input | spe | img/s | step ms | peak GiB | GFLOP/img | ceiling | infer img/s |")
-    print(f"| {result['model_type']} {result['bn_moments']} | {result['devices']} | {result['batch_size']} | {result['precision']} | {result['input']} "
+    print(f"| {result['model_type']} {result['bn_moments']} | {result['devices']} | {result['batch_size']} "
+          f"| {result['precision']} | {result['input']} "
           f"| {result['steps_per_execution']} | {result['img_per_s']:.0f} | {result['step_ms']:.1f} "
           f"| {result['peak_mem_gib']:.1f} | {result.get('train_gflop_per_img', float('nan')):.2f} "
           f"| {100 * result.get('ceiling_share', float('nan')):.1f}% "

@@ -56,7 +56,7 @@ class Budget:
 
 
 def run_arm(name, spec, out, budget_seconds):
-    from hptuning import outputs, storage, study
+    from hptuning import driver, outputs, storage
 
     sampler, pruner, trainer_flags = ARMS[name]
     flags = dict(spec.trainer_flags, **trainer_flags)
@@ -64,8 +64,8 @@ def run_arm(name, spec, out, budget_seconds):
                                parallel_trial_count=1, trainer_flags=tuple(flags.items()))
     job_dir = os.path.join(out, name)
     started = time.time()
-    study.quiet_optuna()
-    study.run_study(spec, job_dir, storage.default_url(job_dir), name, callbacks=[Budget(budget_seconds)])
+    driver.quiet_optuna()
+    driver.run_study(spec, job_dir, storage.default_url(job_dir), name, callbacks=[Budget(budget_seconds)])
     trials = read_study(job_dir, name)
     best = outputs.best_trial(trials, spec)
     return {
@@ -96,9 +96,9 @@ def table(rows):
         lines.append(f"| {r['arm']} | {r['completed']} | {r['pruned']} | {r['best_top_1']} | {r['trainer_minutes']} "
                      f"| {r['trials_per_trainer_minute']} |")
     rates = {r["arm"]: r["trials_per_trainer_minute"] for r in rows}
-    for arm in rates:
+    for arm, rate in rates.items():
         if arm.endswith("+halving") and arm.split("+")[0] in rates:
-            lines.append(f"\n{arm} vs {arm.split('+')[0]}: {rates[arm] / rates[arm.split('+')[0]]:.2f}x the trials per budget")
+            lines.append(f"\n{arm} vs {arm.split('+')[0]}: {rate / rates[arm.split('+')[0]]:.2f}x the trials per budget")
     return "\n".join(lines)
 
 

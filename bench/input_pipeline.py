@@ -23,10 +23,11 @@ import time
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
+import numpy as np
+import tensorflow as tf
 
-from trainer import data  # noqa: E402
+from trainer import data
+from trainer.tasks import CLASSIFICATION
 
 
 def write_jpegs(folder, count, seed=0):
@@ -62,7 +63,7 @@ def images_per_second(ds, batches, batch_size):
 def ours(folder, image_size, batch_size):
     source = data.open_source(folder, "training_data_path")
     scan = data.scan(source, 2, data.RecordFormat(), 0.0)
-    return data.training_dataset(source, scan, data.RecordFormat(), batch_size, image_size, 2, seed=0,
+    return data.training_dataset(source, scan, data.RecordFormat(), CLASSIFICATION.target, batch_size, image_size, 2, seed=0,
                                  min_area=0.08, flip=True)
 
 

@@ -3,10 +3,12 @@
 Writes --num_images JPEGs of 500x375 (ImageNet's typical size), exports each
 --models backbone with random weights at --image_size (what is timed does not
 depend on the weights), and prints a table of images/s for:
-  input     the tf.data pipeline alone (read, decode, central crop, resize)
-  model     serving_images alone, on one batch already in memory
-  predict   the whole job: trainer.predict's predict_into() writing the output
-            file (model load and export excluded; the first batch included)
+  input     the tf.data pipeline alone (read, and the 1/8-scale decode probe
+            that drops undecodable images)
+  model     serving_default alone (decode, central crop, resize and the
+            network), on one batch of encoded images already in memory
+  predict   the whole job: trainer.serving.predict's predict_into() writing the
+            output file (model load and export excluded; the first batch included)
 
     KERAS_BACKEND=tensorflow python bench/predict_bench.py --models resnet-18,efficientnet-b0
 """
@@ -52,7 +54,8 @@ def export(model_type, image_size, folder):
     if not os.path.exists(os.path.join(model_dir, "saved_model.pb")):
         weights = f"{model_dir}.weights.h5"
         models.build_model(model_type, 1000, image_size).save_weights(weights)
-        export_lib.export_saved_model(weights, model_type, 1000, image_size, [f"n{i:05d}" for i in range(1000)], model_dir)
+        export_lib.export_saved_model(weights, model_type, "classification", 1000, image_size,
+                                      [f"n{i:05d}" for i in range(1000)], model_dir)
     return model_dir
 
 
@@ -65,14 +68,15 @@ def rate(count, fn):
 def measure(model_dir, paths, batch_size, folder):
     import tensorflow as tf
 
-    from trainer import inference, predict
+    from trainer.serving import inference, predict
 
     model = inference.load(model_dir)
-    batches = predict.image_batches(paths, model.image_size, batch_size, 16, predict._fetcher(30.0, {}))
+    batches = predict.encoded_batches(paths, batch_size, 16, predict._fetcher(30.0, {}))
     input_rate = rate(len(paths), lambda: [None for _ in batches])
     batch = next(iter(batches))[1]
-    model.serve_images(images=batch)  # first call: graph warm-up, not timed
-    model_rate = rate(3 * len(batch), lambda: [model.serve_images(images=batch)["probabilities"].numpy() for _ in range(3)])
+    model.serve_bytes(image_bytes=batch)  # first call: graph warm-up, not timed
+    model_rate = rate(3 * len(batch), lambda: [model.serve_bytes(image_bytes=batch)["probabilities"].numpy()
+                                               for _ in range(3)])
     out_path = os.path.join(folder, "predictions.txt")
     with tf.io.gfile.GFile(out_path, "w") as out:
         predict_rate = rate(len(paths), lambda: predict.predict_into(out, model, paths, paths, "text", batch_size, 16, 30.0))
@@ -87,13 +91,13 @@ def main():
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--work_dir", default="/tmp/predict_bench")
     args = parser.parse_args()
-    from trainer import inference
+    from trainer import cli
 
-    inference.import_tensorflow_quietly()
+    cli.import_tensorflow_quietly()
     paths = write_jpegs(os.path.join(args.work_dir, "images"), args.num_images)
     print(f"{args.num_images} JPEGs 500x375, image_size {args.image_size}, batch {args.batch_size}, "
           f"{os.cpu_count()} CPUs")
-    print(f"| model | input img/s | model img/s | predict img/s |\n|---|---|---|---|")
+    print("| model | input img/s | model img/s | predict img/s |\n|---|---|---|---|")
     for model_type in args.models.split(","):
         model_dir = export(model_type, args.image_size, args.work_dir)
         input_rate, model_rate, predict_rate = measure(model_dir, paths, args.batch_size, args.work_dir)

@@ -9,7 +9,7 @@ evaluation at the trainer's global_step.
 import optuna
 
 from hptuning import params as params_lib
-from trainer.config import UserError
+from trainer.cli import UserError
 
 SAMPLER_SETTINGS = {
     "tpe": ("seed", "n_startup_trials", "multivariate", "group", "constant_liar", "n_ei_candidates"),

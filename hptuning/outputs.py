@@ -1,18 +1,19 @@
 """What a study leaves in its job-dir: trials.csv, best.json, plots/ (Plotly
 HTML: optimisation history, parameter importances, intermediate values), and
 the one-screen summary printed at the end. All of it is rebuilt from the
-storage, so every worker of a distributed study writes the whole picture.
+storage, so every worker of a distributed study writes the whole picture;
+each file is written atomically (a reader sees the old one or the new one).
 """
 
 import csv
 import io
-import json
 import os
 import warnings
 
 from optuna.trial import TrialState
 
 from hptuning import params as params_lib
+from trainer.files import write_atomic, write_json
 
 PLOTS = ("optimization_history", "param_importances", "intermediate_values")
 TOP = 5  # trials listed in the summary
@@ -40,14 +41,6 @@ def unretried_failures(trials):
             if t.state == TrialState.FAIL and t.number not in retried and not t.user_attrs.get("interrupted")]
 
 
-def _write_atomic(path, text):
-    """A reader, or a driver killed mid-write, sees the old file or the new one, never half of one."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", newline="") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def write_csv(path, trials, spec):
     names = [p.name for p in params_lib.walk(spec.parameters)]
     names = list(dict.fromkeys(names))
@@ -63,7 +56,7 @@ def write_csv(path, trials, spec):
             *[t.params.get(name, "") for name in names], _attr(t, "job_dir"), _attr(t, "worker"),
             (t.system_attrs.get("retry_history") or [""])[-1], _attr(t, "failure"),
         ])
-    _write_atomic(path, text.getvalue())
+    write_atomic(path, text.getvalue())
 
 
 def _attr(trial, key):
@@ -93,7 +86,7 @@ def write_best(path, study, trials, spec, storage_shown):
         job_dir = _attr(best, "job_dir")
         summary.update(best_trial=best.number, value=best.value, params=best.params, job_dir=job_dir,
                        worker=_attr(best, "worker"), model_path=os.path.join(job_dir, "model") if job_dir else "")
-    _write_atomic(path, json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    write_json(path, summary)
     return best
 
 
@@ -125,9 +118,9 @@ def summary(study, trials, spec, best, job_dir, storage_shown, notes):
     lines = [
         "",
         f"study {study.study_name!r} ({storage_shown})",
-        f"  trials: {count(trials, TrialState.COMPLETE)} complete, {count(trials, TrialState.PRUNED)} pruned, "
-        f"{count(trials, TrialState.FAIL)} failed ({retried} of them retried), "
-        f"{count(trials, TrialState.RUNNING)} running elsewhere; trainer time {compute / 60:.1f} min",
+        (f"  trials: {count(trials, TrialState.COMPLETE)} complete, {count(trials, TrialState.PRUNED)} pruned, "
+         f"{count(trials, TrialState.FAIL)} failed ({retried} of them retried), "
+         f"{count(trials, TrialState.RUNNING)} running elsewhere; trainer time {compute / 60:.1f} min"),
     ]
     if best is None:
         lines.append(f"  no trial has completed; see {job_dir}/trial-*/trainer.log")

@@ -1,15 +1,18 @@
 """The search space: one Param per tuned trainer flag, parsed from either study
 shape, checked once, and turned into Optuna suggestions for a trial.
 
-A parameter's name is the trainer flag it sets (DESIGN.md: one name
-everywhere). Conditional parameters are suggested only when their parent took
-one of the listed values, as Vertex AI's conditionalParameterSpecs do.
+A parameter is named by the trainer flag it sets, and keeps that one name in
+the study config, the trial's command line, Optuna, trials.csv and best.json.
+Conditional parameters are suggested only when their parent took one of the
+listed values, as Vertex AI's conditionalParameterSpecs do. Also owns
+flag_text(), the one way a value becomes text on the trainer's command line.
 """
 
 import dataclasses
 import math
+import numbers
 
-from trainer.config import UserError
+from trainer.cli import UserError
 
 KINDS = ("double", "integer", "categorical", "discrete")
 SCALES = ("linear", "log")
@@ -205,14 +208,20 @@ def walk(params):
             yield from walk(children)
 
 
-def check_against_flags(params, flag_types, reserved):
-    """Each parameter must be a trainer flag of a compatible type (before any trial runs)."""
+def check_against_flags(params, flag_types, reserved, tunable=None):
+    """Each parameter must be a trainer flag of a compatible type (before any trial runs).
+
+    tunable: the flags a parameter may set; None allows any flag (a custom trainer_command).
+    """
     for param in walk(params):
         if param.name in reserved:
             raise UserError(f"parameter {param.name}: the study driver sets --{param.name} itself (one per trial)")
         if param.name not in flag_types:
-            raise UserError(f"parameter {param.name}: not a trainer flag; see `python -m trainer.task --helpfull` "
+            raise UserError(f"parameter {param.name}: not a trainer flag; see `python -m trainer.task --help` "
                             f"for the flags (e.g. initial_learning_rate, optimizer_type, label_smoothing)")
+        if tunable is not None and param.name not in tunable:
+            raise UserError(f"parameter {param.name}: the trainer does not let a study tune --{param.name}; give "
+                            f"it one value for every trial under trainer_flags instead (tunable: {', '.join(tunable)})")
         flag_type = flag_types[param.name]
         if param.kind == "double" and flag_type != "float":
             raise UserError(f"parameter {param.name}: a double range for a {flag_type} flag; "
@@ -221,6 +230,15 @@ def check_against_flags(params, flag_types, reserved):
             raise UserError(f"parameter {param.name}: an integer range for a {flag_type} flag; use categorical")
         if param.kind == "discrete" and flag_type == "int" and any(not isinstance(v, int) for v in param.values):
             raise UserError(f"parameter {param.name}: an int flag; its values {list(param.values)} must be integers")
+
+
+def flag_text(value):
+    """A value from YAML or Optuna (NumPy scalars too) as the trainer's command line wants it: true, 0.1, 32, adam."""
+    if type(value).__name__ in ("bool", "bool_"):  # NumPy's bool is no subclass of bool (nor of int)
+        return "true" if value else "false"
+    if isinstance(value, numbers.Integral):
+        return str(int(value))  # numpy.int64 too
+    return str(value)  # str(), not repr(): repr(numpy.float64(0.1)) is 'np.float64(0.1)', str() is 0.1 for both
 
 
 def suggest(trial, params):

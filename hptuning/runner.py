@@ -17,11 +17,13 @@ import threading
 
 import optuna
 
+from hptuning import params as params_lib
+from hptuning import spec as spec_lib
+
 METRICS_FILE = "hypertune.metrics"
 LOG_FILE = "trainer.log"
 TERMINATE_GRACE_SECONDS = 30  # SIGTERM first, SIGKILL if the trainer has not exited by then
 _PR_SET_PDEATHSIG = 1
-_print_lock = threading.Lock()
 # Set when the driver is told to stop (Ctrl-C, SIGTERM): every running trial stops its
 # trainer and is marked interrupted, to run again when the study resumes.
 STOP = threading.Event()
@@ -32,11 +34,6 @@ class TrialFailed(Exception):
     """The trainer exited badly or reported nothing: fails this trial only."""
 
 
-def say(text):
-    with _print_lock:
-        print(text, flush=True)
-
-
 def worker_id():
     return f"{socket.gethostname()}:{os.getpid()}"
 
@@ -45,36 +42,35 @@ def trial_dir(job_dir, number):
     return os.path.join(job_dir, f"trial-{number:04d}")
 
 
-def is_builtin_trainer(spec):
-    return tuple(spec.trainer_command[1:]) == ("-m", "trainer.task")
-
-
 def trainer_argv(spec, job_dir, params):
     """Flag file first, then the fixed flags, then the trial's: absl lets the last one win."""
     argv = list(spec.trainer_command)
     if spec.flagfile:
         argv.append(f"--flagfile={spec.flagfile}")
-    if is_builtin_trainer(spec):
+    if spec_lib.is_builtin_trainer(spec):
         argv.append(f"--hyperparameter_metric_tag={spec.metric}")  # the metric its metrics file reports
     argv += [f"--{name}={value}" for name, value in spec.trainer_flags]
-    argv += [f"--{name}={_flag_value(value)}" for name, value in params.items()]
+    argv += [f"--{name}={params_lib.flag_text(value)}" for name, value in params.items()]
     argv.append(f"--job-dir={job_dir}")
     return argv
 
 
-def _flag_value(value):
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return repr(value) if isinstance(value, float) else str(value)
+def _load_libc():
+    try:
+        return ctypes.CDLL("libc.so.6", use_errno=True)
+    except OSError:
+        return None  # not glibc: a SIGKILLed driver leaves its trainers running
+
+
+# Loaded here, in the parent: the child (forked while other trials' threads run)
+# then makes one foreign call before exec, and takes no loader lock another thread may hold.
+_LIBC = _load_libc()
 
 
 def _die_with_parent():
     # Runs in the child before exec: a SIGKILLed driver takes its trainers with it
     # instead of leaving them training for nobody.
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    except OSError:
-        pass
+    _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 class MetricsReader:
@@ -122,7 +118,8 @@ def run_trial(trial, spec, job_dir, params, poll_seconds):
     with open(os.path.join(out, LOG_FILE), "ab") as log:
         # Its own session: Ctrl-C reaches the driver alone, which stops the trainers itself.
         proc = subprocess.Popen(trainer_argv(spec, out, params), env=env, stdout=log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent, start_new_session=True)
+                                stdin=subprocess.DEVNULL, start_new_session=True,
+                                preexec_fn=_die_with_parent if _LIBC else None)
         try:
             finished = False
             while not finished:

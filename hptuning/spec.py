@@ -16,7 +16,7 @@ import sys
 import yaml
 
 from hptuning import params as params_lib
-from trainer.config import UserError
+from trainer.cli import UserError
 
 SAMPLERS = ("tpe", "random", "grid", "cmaes", "gp")
 EARLY_STOPPING = ("none", "median", "hyperband", "successive_halving")
@@ -33,6 +33,7 @@ VERTEX_STUDY_KEYS = ("metrics", "parameters", "algorithm", "measurementSelection
 VERTEX_ALGORITHMS = {"ALGORITHM_UNSPECIFIED": "tpe", "RANDOM_SEARCH": "random", "GRID_SEARCH": "grid"}
 # Vertex's own early stopping has no Optuna twin; the median rule is the closest.
 VERTEX_STOPPING = ("medianAutomatedStoppingSpec", "decayCurveStoppingSpec", "convexAutomatedStoppingSpec")
+BUILTIN_TRAINER = ("-m", "trainer.task")  # after the Python interpreter
 DEFAULT_MAX_FAILED = 3  # Vertex "decides" when maxFailedTrialCount is 0; we decide 3
 
 
@@ -167,7 +168,7 @@ def _finish(raw, metric, goal, measurement, parameters, max_trials, parallel, ma
         parallel_trial_count=_count("parallel_trial_count", parallel, 1),
         max_failed_trial_count=_count("max_failed_trial_count", max_failed, 0) or DEFAULT_MAX_FAILED,
         sampler=sampler, early_stopping=_settings("early_stopping", stopping, EARLY_STOPPING),
-        trainer_flags=tuple((str(k), flag_text(v)) for k, v in flags.items()),
+        trainer_flags=tuple((str(k), params_lib.flag_text(v)) for k, v in flags.items()),
         flagfile=_flagfile(raw.get("flagfile")), trainer_command=_command(raw.get("trainer_command")))
 
 
@@ -204,17 +205,15 @@ def _flagfile(path):
     return os.path.abspath(path)
 
 
+def is_builtin_trainer(spec):
+    """True when the trials run `python -m trainer.task` (whose flag table and metrics the driver knows)."""
+    return tuple(spec.trainer_command[1:]) == BUILTIN_TRAINER
+
+
 def _command(command):
     if command is None:
-        return (sys.executable, "-m", "trainer.task")
+        return (sys.executable, *BUILTIN_TRAINER)
     argv = shlex.split(command) if isinstance(command, str) else [str(a) for a in command]
     if not argv:
         raise UserError("trainer_command: empty; leave it out to run `python -m trainer.task`")
     return tuple(sys.executable if a == "python" else a for a in argv)
-
-
-def flag_text(value):
-    """A YAML value as the trainer's command line wants it (true, 0.1, adam)."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return str(value)

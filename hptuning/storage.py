@@ -13,7 +13,7 @@ import optuna
 from optuna.storages import RDBStorage
 from optuna.trial import TrialState
 
-from trainer.config import UserError
+from trainer.cli import UserError
 
 MAX_RETRIES = 2  # a trial whose worker or trainer was killed runs again at most this often
 SPEC_ATTR = "hptuning_spec"
@@ -29,7 +29,7 @@ def shown(url):
 
     try:
         return sqlalchemy.engine.make_url(url).render_as_string(hide_password=True)
-    except Exception:
+    except Exception:  # noqa: BLE001 - whatever it cannot parse is shown from after the password
         return url.split("@")[-1]
 
 
@@ -110,7 +110,7 @@ def open_storage(url, heartbeat_interval):
         except ImportError as e:
             raise UserError(f"--storage={shown(url)}: the database driver is missing ({e}); "
                             f"for PostgreSQL: pip install psycopg2-binary") from None
-        except Exception as e:  # sqlalchemy's errors: bad URL, refused connection, bad password
+        except Exception as e:  # noqa: BLE001 - sqlalchemy's and the driver's: bad URL, refused connection, bad password
             reason = str(getattr(e, "orig", None) or e).strip().splitlines()[0]
             raise UserError(f"--storage={shown(url)}: cannot open the study storage: {reason}") from None
 

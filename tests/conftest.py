@@ -2,15 +2,16 @@
 
 import io
 import os
+import shutil
 import subprocess
 import sys
 
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-from PIL import Image  # noqa: E402
+import numpy as np
+import pytest
+from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -152,7 +153,7 @@ def assert_user_error(result, *fragments):
 EXPORTED_CLASS_NAMES = ["cat", "dog", "bird"]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def model_dir(tmp_path_factory):
     """A SavedModel exported from an untrained 3-class ResNet-18 at 16x16 (no training: fast)."""
     from trainer import export, models
@@ -162,6 +163,33 @@ def model_dir(tmp_path_factory):
     models.build_model("resnet-18", 3, 16).save_weights(weights)
     export.export_saved_model(weights, "resnet-18", "classification", 3, 16, EXPORTED_CLASS_NAMES, str(root / "model"))
     return str(root / "model")
+
+
+# Modules whose tests start trainer processes or train for long; run first so that, over
+# `pytest -n 2`, the short tests fill the gaps at the end instead of one long test running alone.
+_LONG_FIRST = ("test_end_to_end", "test_distributed", "test_hptuning_trainer", "test_multi_label")
+
+
+def pytest_collection_modifyitems(session, config, items):
+    def rank(item):
+        module = item.nodeid.split("::")[0].rsplit("/", 1)[-1].removesuffix(".py")
+        return _LONG_FIRST.index(module) if module in _LONG_FIRST else len(_LONG_FIRST)
+
+    items.sort(key=rank)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """A green run leaves nothing in the temporary folder (pytest.ini keeps only failed tests' folders,
+    this removes the module and session fixtures' ones too)."""
+    factory = getattr(session.config, "_tmp_path_factory", None)
+    if exitstatus == 0 and factory is not None and factory._basetemp is not None:
+        shutil.rmtree(factory._basetemp, ignore_errors=True)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_shared_hypertune_file(tmp_path_factory):
+    """Runs that name no metrics file write into this session's temporary folder, not /tmp/hypertune."""
+    os.environ["CLOUD_ML_HP_METRIC_FILE"] = str(tmp_path_factory.mktemp("hypertune") / "output.metrics")
 
 
 @pytest.fixture

@@ -3,6 +3,8 @@
 import json
 import os
 import re
+import subprocess
+import sys
 
 from tests.conftest import ROOT
 
@@ -17,8 +19,12 @@ def test_entrypoint_is_exec_form_and_names_an_existing_module():
     entrypoints = [args for op, args in dockerfile_instructions() if op == "ENTRYPOINT"]
     assert len(entrypoints) == 1
     command = json.loads(entrypoints[0])  # exec form is a JSON array: signals reach Python directly
-    assert command == ["python", "-m", "trainer.task"]
-    assert os.path.exists(os.path.join(ROOT, "trainer", "task.py"))
+    assert command[0] == "python"
+    # The entrypoint is a program: run it as the container would, with a platform's arguments.
+    started = subprocess.run([sys.executable, *command[1:], "--help"], capture_output=True, text=True, cwd=ROOT)
+    assert started.returncode == 0 and started.stdout.startswith("usage: python -m trainer.task"), started.stderr
+    refused = subprocess.run([sys.executable, *command[1:], "--num_classes=3"], capture_output=True, text=True, cwd=ROOT)
+    assert refused.returncode == 2 and refused.stderr.startswith("error: --training_data_path")
 
 
 def test_image_installs_this_package_on_a_tensorflow_gpu_base():

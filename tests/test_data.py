@@ -16,7 +16,8 @@ def test_a_partial_evaluation_draws_from_every_class(tmp_path):
     labels = np.concatenate([y.argmax(axis=1) for _, y in ds.as_numpy_iterator()])
     assert count == 6 and len(labels) == 6
     assert len(set(labels)) > 1  # the first 6 records would all be class 0
-    again = np.concatenate([y.argmax(axis=1) for _, y in data.eval_dataset(source, scan, data.RecordFormat(), CLASSIFICATION.target, 6, 16, 3, 6)[0].as_numpy_iterator()])
+    again_ds, _ = data.eval_dataset(source, scan, data.RecordFormat(), CLASSIFICATION.target, 6, 16, 3, 6)
+    again = np.concatenate([y.argmax(axis=1) for _, y in again_ds.as_numpy_iterator()])
     np.testing.assert_array_equal(labels, again)  # the same subset every evaluation
 
 

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from tests.conftest import ROOT, assert_user_error, run_trainer, tiny_flags, write_tfrecords
+from tests.conftest import ROOT, tiny_flags, write_tfrecords
 from trainer.cli import UserError
 from trainer.cluster import Cluster, cluster_from_env
 
@@ -20,7 +20,8 @@ from trainer.cluster import Cluster, cluster_from_env
      Cluster(("a:1", "b:2", "c:3"), 2)),
     ({"TF_CONFIG": json.dumps({"cluster": {"worker": ["a:1", "b:2"]}, "task": {"type": "worker", "index": 0}})},
      Cluster(("a:1", "b:2"), 0)),
-    ({"CLUSTER_SPEC": json.dumps({"cluster": {"workerpool0": ["a:1"], "workerpool1": ["b:2"]}, "task": {"type": "workerpool1", "index": 0}})},
+    ({"CLUSTER_SPEC": json.dumps({"cluster": {"workerpool0": ["a:1"], "workerpool1": ["b:2"]},
+                                  "task": {"type": "workerpool1", "index": 0}})},
      Cluster(("a:1", "b:2"), 1)),
 ])
 def test_cluster_from_environment(env, expected):
@@ -86,6 +87,7 @@ def test_two_processes_train_one_model_and_only_the_chief_writes(tmp_path, backe
     assert "the chief exports" in outputs[1][0] and "eval at step" not in outputs[1][0]
 
 
+@pytest.mark.slow  # the same DataParallel as the two-process test, in one process: a GPU host's path
 def test_jax_data_parallel_over_two_cpu_devices(tmp_path):
     pytest.importorskip("jax")
     train = write_tfrecords(tmp_path / "train", per_class=8)

@@ -6,8 +6,14 @@ import os
 
 import optuna
 
+from tests.hptuning_helpers import (
+    driver_env,
+    read_trials,
+    run_log,
+    start_driver,
+    write_config,
+)
 from tests.pg_server import postgres_url  # noqa: F401 (pytest fixture)
-from tests.test_hptuning_support import driver_env, read_trials, run_log, start_driver, write_config
 
 
 def test_two_workers_share_one_postgresql_study(tmp_path, postgres_url):  # noqa: F811
@@ -18,7 +24,7 @@ def test_two_workers_share_one_postgresql_study(tmp_path, postgres_url):  # noqa
     workers = [start_driver(config, str(tmp_path / f"worker{i}"), storage, "--study_name=shared", env=env)
                for i in range(2)]
     results = [(*w.communicate(timeout=300), w.returncode) for w in workers]
-    for out, err, code in results:
+    for _, err, code in results:
         assert code == 0, err
         assert "Traceback" not in err
     started = run_log(log)

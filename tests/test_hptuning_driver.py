@@ -1,17 +1,33 @@
 """`python -m hptuning.study` end to end over a fake trainer (same flags and
 metrics-file contract as trainer.task, seconds instead of minutes): outputs,
-resume, pruning, failures, killed trainers and workers, storage errors."""
+resume, pruning, failures, killed trainers and workers. Mistakes in the flags,
+the config or the storage run the driver's main() in this process (study_main).
+"""
 
+import contextlib
 import fcntl
 import json
 import os
+import pathlib
 import signal
 import subprocess
+import sys
 
 import pytest
 
-from tests.test_hptuning_support import (assert_one_error_line, driver_env, read_trials, run_driver, run_log,
-                                         start_driver, trials_by_number, write_config)
+from tests.hptuning_helpers import (
+    ROOT,
+    assert_one_error_line,
+    driver_env,
+    read_trials,
+    run_driver,
+    run_log,
+    start_driver,
+    study_main,
+    trials_by_number,
+    write_config,
+)
+from trainer.files import read_json
 
 
 def test_study_writes_outputs_and_resume_never_reruns(tmp_path):
@@ -23,7 +39,7 @@ def test_study_writes_outputs_and_resume_never_reruns(tmp_path):
     assert [t["state"] for t in trials] == ["COMPLETE"] * 4
     assert all(os.path.isdir(os.path.join(job_dir, f"trial-{n:04d}")) for n in range(4))
     assert all(t["last_step"] == "3" for t in trials)
-    best = json.load(open(os.path.join(job_dir, "best.json")))
+    best = read_json(os.path.join(job_dir, "best.json"))
     values = [float(t["value"]) for t in trials]
     assert best["value"] == max(values)
     assert best["model_path"] == os.path.join(job_dir, f"trial-{best['best_trial']:04d}", "model")
@@ -31,7 +47,7 @@ def test_study_writes_outputs_and_resume_never_reruns(tmp_path):
         assert os.path.getsize(os.path.join(job_dir, "plots", f"{plot}.html")) > 0
     assert f"best: trial {best['best_trial']}" in first.stdout
     # The trial's value is its best evaluation, read from the trainer's own metrics file.
-    lines = open(os.path.join(job_dir, "trial-0000", "hypertune.metrics")).read().splitlines()
+    lines = pathlib.Path(job_dir, "trial-0000", "hypertune.metrics").read_text().splitlines()
     assert float(trials[0]["value"]) == max(float(json.loads(line)["top_1_accuracy"]) for line in lines)
 
     again = run_driver(config, job_dir, env=driver_env(FAKE_RUN_LOG=log))
@@ -92,10 +108,8 @@ def test_a_trainer_killed_by_sigkill_is_retried_with_the_same_parameters(tmp_pat
 def _wait_for_first_evaluation(path, proc):
     while not (os.path.exists(path) and os.path.getsize(path) > 0):
         assert proc.poll() is None, proc.communicate()
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(timeout=0.1)
-        except Exception:
-            pass
 
 
 def test_a_killed_worker_is_resumed_by_rerunning_the_command(tmp_path):
@@ -105,8 +119,8 @@ def test_a_killed_worker_is_resumed_by_rerunning_the_command(tmp_path):
     _wait_for_first_evaluation(os.path.join(job_dir, "trial-0000", "hypertune.metrics"), worker)
     worker.send_signal(signal.SIGKILL)
     worker.communicate()
-    trainer_pid = int(open(log).read().split()[1])
-    while os.path.exists(f"/proc/{trainer_pid}") and "Z" not in open(f"/proc/{trainer_pid}/stat").read().split()[2]:
+    trainer_pid = int(pathlib.Path(log).read_text().split()[1])
+    while os.path.exists(f"/proc/{trainer_pid}") and "Z" not in _process_state(trainer_pid):
         pass  # the trainer follows its driver (PR_SET_PDEATHSIG); a hang here is the failure
 
     result = run_driver(config, job_dir, env=driver_env(FAKE_RUN_LOG=log))
@@ -119,7 +133,7 @@ def test_a_killed_worker_is_resumed_by_rerunning_the_command(tmp_path):
     assert sorted(run_log(log)) == [0, 1, 2]
 
 
-def test_sqlite_is_refused_while_another_driver_uses_it(tmp_path):
+def test_sqlite_is_refused_while_another_driver_uses_it(tmp_path, capsys):
     config = write_config(tmp_path)
     job_dir = tmp_path / "sweep"
     job_dir.mkdir()
@@ -127,7 +141,8 @@ def test_sqlite_is_refused_while_another_driver_uses_it(tmp_path):
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
         held.write("hptuning.study pid 4242 on elsewhere\n")
         held.flush()
-        result = run_driver(config, str(job_dir))
+        result = study_main(capsys, f"--study_config={config}", f"--job-dir={job_dir}")
+    assert result.returncode == 2
     assert_one_error_line(result, "pid 4242", "SQLite is for one driver process", "postgresql://")
     assert not list(job_dir.glob("trial-*"))
 
@@ -136,9 +151,11 @@ def test_sqlite_is_refused_while_another_driver_uses_it(tmp_path):
     ("postgresql://tuner:secret@127.0.0.1:1/studies", "cannot open the study storage"),
     ("mysql-ish:/not a url", "not a database URL"),
 ])
-def test_unreachable_storage_is_one_error_and_no_trial(tmp_path, storage, fragment):
+def test_unreachable_storage_is_one_error_and_no_trial(tmp_path, capsys, storage, fragment):
     job_dir = tmp_path / "sweep"
-    result = run_driver(write_config(tmp_path), str(job_dir), f"--storage={storage}")
+    result = study_main(capsys, f"--study_config={write_config(tmp_path)}", f"--job-dir={job_dir}",
+                        f"--storage={storage}")
+    assert result.returncode == 2
     line = assert_one_error_line(result, "--storage=", fragment)
     assert "secret" not in line
     assert not list(job_dir.glob("trial-*"))
@@ -152,19 +169,21 @@ def test_unreachable_storage_is_one_error_and_no_trial(tmp_path, storage, fragme
     ({"parameters": {"train_batch_size": {"type": "discrete", "values": [32, 32.5]}}},
      ["parameter train_batch_size: an int flag", "must be integers"]),
 ])
-def test_bad_config_is_one_error_line_before_any_trial(tmp_path, overrides, fragments):
+def test_bad_config_is_one_error_line_before_any_trial(tmp_path, capsys, overrides, fragments):
     job_dir = tmp_path / "sweep"
-    result = run_driver(write_config(tmp_path, **overrides), str(job_dir))
+    result = study_main(capsys, f"--study_config={write_config(tmp_path, **overrides)}", f"--job-dir={job_dir}")
     assert result.returncode == 2
     assert_one_error_line(result, *fragments)
     assert not job_dir.exists()
 
 
-def test_resuming_with_a_different_search_space_is_refused(tmp_path):
+def test_resuming_with_a_different_search_space_is_refused(tmp_path, capsys):
     job_dir = str(tmp_path / "sweep")
     assert run_driver(write_config(tmp_path, max_trial_count=1), job_dir).returncode == 0
     changed = write_config(tmp_path, max_trial_count=1, goal="minimize")
-    assert_one_error_line(run_driver(changed, job_dir), "different goal", "--study_name")
+    result = study_main(capsys, f"--study_config={changed}", f"--job-dir={job_dir}")
+    assert result.returncode == 2
+    assert_one_error_line(result, "different goal", "--study_name")
 
 
 def test_a_resumed_seeded_study_tries_new_configurations(tmp_path):
@@ -219,13 +238,54 @@ def test_a_trial_that_reports_only_nan_fails_with_the_reason(tmp_path):
     ({}, ["--heartbeat_interval=0"], ["--heartbeat_interval=0", "at least 1"]),
     ({}, ["--max_trial_count=-2"], ["--max_trial_count=-2", "positive integer"]),
 ])
-def test_settings_the_trainer_cannot_meet_are_one_error_line(tmp_path, overrides, flags, fragments):
+def test_settings_the_trainer_cannot_meet_are_one_error_line(tmp_path, capsys, overrides, flags, fragments):
     job_dir = tmp_path / "sweep"
     config = write_config(tmp_path, trainer_command=None, trainer_flags={}, **overrides)  # the real trainer.task
-    result = run_driver(config, str(job_dir), *flags)
+    result = study_main(capsys, f"--study_config={config}", f"--job-dir={job_dir}", *flags)
+    assert result.returncode == 2
     assert_one_error_line(result, *fragments)
     assert not job_dir.exists()
 
 
+@pytest.mark.parametrize("flags, fragments", [
+    ([], ["--study_config, --job-dir are required", "see --help"]),
+    (["--job_dir=sweep"], ["--study_config is required"]),
+    (["--study_config=study.yaml", "--job-dir=gs://bucket/sweep"], ["--job-dir=gs://bucket/sweep", "local folder"]),
+    (["--study_config=study.yaml", "--job-dir=a", "--job_dir=b"], ["--job-dir and --job_dir disagree"]),
+])
+def test_bad_driver_flags_are_one_error_line(capsys, flags, fragments):
+    result = study_main(capsys, *flags)
+    assert result.returncode == 2
+    assert_one_error_line(result, *fragments)
+
+
+def test_missing_flags_are_reported_before_optuna_is_imported():
+    # A process of its own: only a fresh interpreter shows what the driver imports before its checks.
+    code = ("import sys; sys.modules['optuna'] = None; "  # importing Optuna now fails
+            "from hptuning import study; study.main(['hptuning.study'])")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=driver_env(), capture_output=True,
+                            text=True, timeout=60, check=False)
+    assert result.returncode == 2
+    assert_one_error_line(result, "--study_config, --job-dir are required")
+
+
+def test_help_reads_like_a_tool(capsys):
+    result = study_main(capsys, "--help")
+    assert result.returncode == 0
+    out = result.stdout
+    assert out.startswith("usage: python -m hptuning.study --study_config=FILE --job-dir=DIR")
+    assert "python -m hptuning.study --study_config=sample_configs/hptuning/digits.yaml --job-dir=runs/digits-sweep" in out
+    assert "--study_config=TEXT    [required]" in out and "--job-dir=TEXT    [required]" in out
+    assert "(default 60)" in out  # --heartbeat_interval
+    assert "storage and workers:" in out
+
+
 def run_log_pids(path):
-    return [tuple(map(int, line.split())) for line in open(path)]
+    return [tuple(map(int, line.split())) for line in pathlib.Path(path).read_text().splitlines()]
+
+
+def _process_state(pid):
+    try:
+        return pathlib.Path(f"/proc/{pid}/stat").read_text().split()[2]
+    except FileNotFoundError:
+        return "gone"

@@ -3,14 +3,15 @@ error that names the key and what would be valid (in-process, fast)."""
 
 import os
 
+import numpy as np
 import optuna
 import pytest
 import yaml
 
 from hptuning import params as params_lib
+from hptuning import runner, study
 from hptuning import spec as spec_lib
-from hptuning import study
-from trainer.config import UserError
+from trainer.cli import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SAMPLES = os.path.join(ROOT, "sample_configs", "hptuning")
@@ -196,6 +197,37 @@ def test_parameters_and_fixed_flags_must_be_trainer_flags(tmp_path, overrides, f
         study.check_against_trainer(spec)
     for fragment in fragments:
         assert fragment in str(e.value)
+
+
+def test_a_parameter_must_be_a_tunable_flag_of_the_builtin_trainer(tmp_path):
+    fixed_only = minimal(parameters={"eval_frequency": {"type": "integer", "min": 10, "max": 50}})
+    with pytest.raises(UserError) as e:
+        study.check_against_trainer(load_dict(tmp_path, fixed_only))
+    assert "parameter eval_frequency" in str(e.value) and "under trainer_flags instead" in str(e.value)
+    assert "initial_learning_rate" in str(e.value)  # the tunable flags are listed
+    # As a fixed flag it is fine; and another trainer_command may tune any flag of the same name and type.
+    study.check_against_trainer(load_dict(tmp_path, minimal(trainer_flags={"eval_frequency": 10})))
+    study.check_against_trainer(load_dict(tmp_path, {**fixed_only, "trainer_command": "python my_trainer.py"}))
+
+
+@pytest.mark.parametrize("value, text", [
+    (True, "true"), (False, "false"), (np.True_, "true"),
+    (0.1, "0.1"), (np.float64(0.1), "0.1"), (np.float32(0.1), "0.1"), (1e-05, "1e-05"),
+    (32, "32"), (np.int64(32), "32"), ("adam", "adam"),
+])
+def test_values_reach_the_trainer_command_line_as_plain_text(value, text):
+    assert params_lib.flag_text(value) == text
+
+
+def test_trial_command_line_orders_flagfile_fixed_flags_then_parameters(tmp_path):
+    flagfile = tmp_path / "run.flags"
+    flagfile.write_text("--max_steps=5\n")
+    spec = load_dict(tmp_path, minimal(flagfile=str(flagfile), trainer_flags={"max_steps": 9, "random_flip": False}))
+    argv = runner.trainer_argv(spec, "/jobs/trial-0003", {"initial_learning_rate": np.float64(0.05),
+                                                           "train_batch_size": np.int64(64)})
+    assert argv[1:] == ["-m", "trainer.task", f"--flagfile={flagfile}", "--hyperparameter_metric_tag=top_1_accuracy",
+                        "--max_steps=9", "--random_flip=false", "--initial_learning_rate=0.05",
+                        "--train_batch_size=64", "--job-dir=/jobs/trial-0003"]
 
 
 def test_grid_needs_finite_choices_and_sizes_the_study(tmp_path):

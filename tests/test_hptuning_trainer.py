@@ -2,13 +2,13 @@
 dozen tiny images: each trial trains in its own job-dir, reports through the
 hypertune metrics file, and the best trial's SavedModel is the answer."""
 
-import json
 import os
 
 import numpy as np
 import pytest
 
-from tests.test_hptuning_support import read_trials, run_driver, write_config
+from tests.hptuning_helpers import driver_env, read_trials, run_driver, write_config
+from trainer.files import read_json
 
 
 def write_images(folder, per_class=12):
@@ -34,14 +34,16 @@ def test_study_over_the_real_trainer(tmp_path):
         parameters={"initial_learning_rate": {"type": "double", "min": 0.01, "max": 0.1, "scale": "log"},
                     "optimizer_type": {"type": "categorical", "values": ["momentum", "adam"]}})
     job_dir = str(tmp_path / "sweep")
-    result = run_driver(config, job_dir, timeout=600)
+    scratch = tmp_path / "tmp"  # TensorFlow leaves its autograph files in the trainers' temporary folder
+    scratch.mkdir()
+    result = run_driver(config, job_dir, env=driver_env(TMPDIR=scratch), timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
     trials = read_trials(job_dir)
     assert [t["state"] for t in trials] == ["COMPLETE", "COMPLETE"]
     assert all(t["last_step"] == "4" for t in trials)  # evaluations at steps 2 and 4 reached the driver
     for t in trials:
-        metrics = json.load(open(os.path.join(t["job_dir"], "metrics.json")))
+        metrics = read_json(os.path.join(t["job_dir"], "metrics.json"))
         assert float(t["value"]) == pytest.approx(metrics["best"]["top_1_accuracy"], abs=1e-6)
-    best = json.load(open(os.path.join(job_dir, "best.json")))
+    best = read_json(os.path.join(job_dir, "best.json"))
     assert os.path.exists(os.path.join(best["model_path"], "saved_model.pb"))
     assert os.path.dirname(best["model_path"]).startswith(job_dir)

@@ -36,7 +36,7 @@ def test_lossless_colours_survive_decoding(pixels):
 
 def test_training_crop_is_reproducible_for_a_seed(pixels):
     encoded = tf.constant(encode(pixels, "PNG"))
-    crop = lambda seed: images.train_image(encoded, 16, tf.constant(seed, tf.int64), 0.08, True).numpy()  # noqa: E731
+    crop = lambda seed: images.train_image(encoded, 16, tf.constant(seed, tf.int64), 0.08, True).numpy()
     np.testing.assert_array_equal(crop([3, 4]), crop([3, 4]))
     assert any(not np.array_equal(crop([3, 4]), crop([3, s])) for s in range(5, 10))
 

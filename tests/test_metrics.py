@@ -34,7 +34,8 @@ def test_multi_label_at_a_global_threshold():
     assert got["exact_match"] == pytest.approx(2 / 3)
     # cat: positives ranked 1 and 2 -> AP 1; dog: scores 0.7+, 0.2-, 0.1+ -> positives at ranks 1 and 3
     assert got["mAP"] == pytest.approx((1.0 + (1 + 2 / 3) / 2) / 2)
-    assert got["per_category"]["dog"] == pytest.approx({"ap": (1 + 2 / 3) / 2, "precision": 1.0, "recall": 0.5, "f1": 2 / 3, "threshold": 0.5})
+    assert got["per_category"]["dog"] == pytest.approx(
+        {"ap": (1 + 2 / 3) / 2, "precision": 1.0, "recall": 0.5, "f1": 2 / 3, "threshold": 0.5})
 
 
 def test_auto_thresholds_maximise_each_class_f1():

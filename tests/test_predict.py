@@ -1,18 +1,28 @@
 """trainer.predict: output lines match the model, bad locations become error lines, sharding, resume, flags."""
 
+import ast
 import functools
 import http.server
 import json
 import os
+import pathlib
 import re
 import threading
 
 import numpy as np
 import pytest
 
-from tests.conftest import EXPORTED_CLASS_NAMES as NAMES, assert_user_error, encode, run_cli, tiny_image
-from trainer import inference, predict
-
+from tests.conftest import EXPORTED_CLASS_NAMES as NAMES
+from tests.conftest import (
+    ROOT,
+    assert_user_error,
+    encode,
+    run_cli,
+    run_main,
+    tiny_image,
+)
+from trainer.cli import UserError
+from trainer.serving import inference, output_file, predict
 
 
 @pytest.fixture(scope="module")
@@ -50,14 +60,14 @@ def job(tmp_path_factory, image_server):
     locations[6:6] = ["img/corrupt.jpg", f"{url}/nothere.png", f"{url}/web1.png"]
     files[f"{url}/web0.png"], files[f"{url}/web1.png"] = web_root / "web0.png", web_root / "web1.png"
     (root / "list.txt").write_text("\n".join(locations) + "\n\n")
-    return dict(root=root, list=str(root / "list.txt"), locations=locations, files=files,
-                failed=["img/missing.jpg", "img/corrupt.jpg", f"{url}/nothere.png"])
+    return {"root": root, "list": str(root / "list.txt"), "locations": locations, "files": files,
+            "failed": ["img/missing.jpg", "img/corrupt.jpg", f"{url}/nothere.png"]}
 
 
 def read_output(path, output_format="text"):
     """[(location, record)] of an output file."""
     rows = []
-    for line in open(path).read().splitlines():
+    for line in pathlib.Path(path).read_text().splitlines():
         if output_format == "jsonl":
             record = json.loads(line)
             rows.append((record.pop("location"), record))
@@ -97,6 +107,7 @@ def test_each_location_gets_the_models_prediction_or_an_error_line_in_input_orde
             assert set(record) == {"error"} and location.split("/")[-1] in record["error"]
             continue
         want = reference(image_bytes=tf.constant([job["files"][location].read_bytes()]))
+        assert list(record) == ["class_probs", "classes", "class_names", "probs"]  # PAI's line, unchanged
         np.testing.assert_allclose(record["probs"], want["probabilities"].numpy()[0], atol=1e-5)
         assert list(record["class_probs"]) == NAMES
         assert record["class_probs"] == dict(zip(NAMES, record["probs"]))
@@ -127,13 +138,13 @@ def test_shards_merge_into_the_unsharded_output(job, model_dir, cli_output, tmp_
 def test_merge_refuses_while_a_part_is_unfinished(job, model_dir, tmp_path):
     out = str(tmp_path / "sharded.txt")
     predict.run_worker(model_dir, job["list"], out, "text", 2, 0, False, 4, 4, 10.0)
-    with pytest.raises(predict.UserError, match="00001-of-00002 has 0 of 6 lines; run .*worker 1"):
+    with pytest.raises(UserError, match="00001-of-00002 has 0 of 6 lines; run .*worker 1"):
         predict.merge(job["list"], out, "text", 2, False)
     assert not os.path.exists(out)
 
 
 def test_rerun_after_a_kill_resumes_after_the_complete_lines(job, model_dir, cli_output, tmp_path, capsys):
-    full = open(cli_output[0]).read().splitlines(keepends=True)
+    full = pathlib.Path(cli_output[0]).read_text().splitlines(keepends=True)
     out = tmp_path / "resumed.txt"
     out.write_text("".join(full[:4]) + full[4][:17])  # killed while writing line 5
     predict.run_worker(model_dir, job["list"], str(out), "text", 1, 0, False, 4, 4, 10.0)
@@ -142,15 +153,15 @@ def test_rerun_after_a_kill_resumes_after_the_complete_lines(job, model_dir, cli
 
 
 def test_finished_or_foreign_output_is_kept_unless_overwrite(job, model_dir, cli_output, tmp_path):
-    finished = open(cli_output[0]).read()
+    finished = pathlib.Path(cli_output[0]).read_text()
     out = tmp_path / "out.txt"
     out.write_text(finished)
-    with pytest.raises(predict.UserError, match="already complete.*--overwrite"):
+    with pytest.raises(UserError, match="already complete.*--overwrite"):
         predict.run_worker(model_dir, job["list"], str(out), "text", 1, 0, False, 4, 4, 10.0)
-    with pytest.raises(predict.UserError, match="line 1 is not this job.*--overwrite"):
+    with pytest.raises(UserError, match="line 1 is not this job.*--overwrite"):
         predict.run_worker(model_dir, job["list"], str(out), "jsonl", 1, 0, False, 4, 4, 10.0)
     out.write_text("someone else's notes\n")
-    with pytest.raises(predict.UserError, match="line 1 is not this job"):
+    with pytest.raises(UserError, match="line 1 is not this job"):
         predict.run_worker(model_dir, job["list"], str(out), "text", 1, 0, False, 4, 4, 10.0)
     assert out.read_text() == "someone else's notes\n"
     predict.run_worker(model_dir, job["list"], str(out), "jsonl", 1, 0, True, 4, 4, 10.0)
@@ -161,25 +172,26 @@ def test_finished_or_foreign_output_is_kept_unless_overwrite(job, model_dir, cli
     ({}, (1, 0)),
     ({"TF_CONFIG": '{"cluster": {"chief": ["a"], "worker": ["b", "c"]}, "task": {"type": "worker", "index": 1}}'}, (3, 2)),
     ({"TF_CONFIG": '{"cluster": {"chief": ["a"], "worker": ["b"]}, "task": {"type": "chief", "index": 0}}'}, (2, 0)),
-    ({"CLUSTER_SPEC": '{"cluster": {"workerpool0": ["a"], "workerpool1": ["b", "c"]}, "task": {"type": "workerpool1", "index": 0}}'}, (3, 1)),
+    ({"CLUSTER_SPEC": '{"cluster": {"workerpool0": ["a"], "workerpool1": ["b", "c"]}, '
+                      '"task": {"type": "workerpool1", "index": 0}}'}, (3, 1)),
 ])
 def test_worker_index_comes_from_the_cluster_environment(environ, expected):
-    assert predict.cluster_from_env(environ) == expected
+    assert predict.workers(None, None, False, environ) == expected
 
 
 @pytest.mark.parametrize("environ, fragment", [
-    ({"TF_CONFIG": '{"cluster": {"ps": ["p"], "worker": ["b"]}, "task": {"type": "ps", "index": 0}}'}, "a 'ps'"),
-    ({"CLUSTER_SPEC": "{not json"}, "$CLUSTER_SPEC is not a cluster spec"),
+    ({"TF_CONFIG": '{"cluster": {"ps": ["p"], "worker": ["b"]}, "task": {"type": "ps", "index": 0}}'}, "task 'ps'"),
+    ({"CLUSTER_SPEC": "{not json"}, "$CLUSTER_SPEC is not a valid cluster spec"),
 ])
 def test_a_process_outside_the_workers_is_not_given_the_whole_list(environ, fragment):
-    with pytest.raises(predict.UserError, match=re.escape(fragment)):
-        predict.cluster_from_env(environ)
+    with pytest.raises(UserError, match=re.escape(fragment) + ".*give --num_workers and --worker_index"):
+        predict.workers(None, None, False, environ)
 
 
 def test_contiguous_shards_cover_the_list_once():
-    bounds = [predict.shard_bounds(10, 3, i) for i in range(3)]
+    bounds = [output_file.shard_bounds(10, 3, i) for i in range(3)]
     assert bounds == [(0, 3), (3, 6), (6, 10)]
-    assert [predict.shard_bounds(2, 3, i) for i in range(3)] == [(0, 0), (0, 1), (1, 2)]
+    assert [output_file.shard_bounds(2, 3, i) for i in range(3)] == [(0, 0), (0, 1), (1, 2)]
 
 
 def test_multi_label_records_list_the_predicted_classes_most_probable_first():
@@ -191,6 +203,7 @@ def test_multi_label_records_list_the_predicted_classes_most_probable_first():
         "scores": np.array([[0.9, 0.7, 0.0], [0.0, 0.0, 0.0]], np.float32),
     }
     first, second = inference.pai_records(outputs, ("a", "b", "c"))
+    assert list(first) == ["class_probs", "predictions", "classes", "class_names", "probs"]
     assert first["classes"] == [0, 2] and first["class_names"] == ["a", "c"]
     assert first["predictions"] == [True, False, True]
     assert first["class_probs"] == pytest.approx({"a": 0.9, "b": 0.2, "c": 0.7})
@@ -205,15 +218,33 @@ def test_multi_label_records_list_the_predicted_classes_most_probable_first():
     (["--model_dir="], "--model_dir is required"),
     (["--bogus=1"], "bogus"),
     (["--merge"], "--merge needs --num_workers > 1"),
+    (["--worker_index=1"], "--worker_index needs --num_workers"),
 ])
-def test_bad_flags_exit_with_one_error_line(tmp_path, args, fragment):
+def test_bad_flags_exit_with_one_error_line(tmp_path, capsys, args, fragment):
     (tmp_path / "list.txt").write_text("a.jpg\n")
     base = ["--model_dir=m", f"--input_path={tmp_path / 'list.txt'}", f"--output_path={tmp_path / 'o.txt'}"]
-    assert_user_error(run_cli("trainer.predict", base + args), fragment)
+    assert_user_error(run_main(predict.main, base + args, capsys), fragment)
+
+
+def test_missing_required_flags_are_named_together(capsys):
+    result = run_main(predict.main, [], capsys)
+    assert_user_error(result, "--model_dir, --input_path, --output_path are required")
+    merging = run_main(predict.main, ["--merge", "--num_workers=2"], capsys)
+    assert_user_error(merging, "--input_path, --output_path are required")  # --merge needs no model
+
+
+def test_help_shows_usage_an_example_and_the_flags_by_group(capsys):
+    result = run_main(predict.main, ["--help"], capsys)
+    assert result.returncode == 0
+    assert result.stdout.startswith("usage: python -m trainer.predict")
+    assert "example:\n  python -m trainer.predict --model_dir=" in result.stdout
+    assert [g for g in ("inputs:", "outputs:", "workers:") if g in result.stdout.splitlines()] == \
+        ["inputs:", "outputs:", "workers:"]
+    assert "--input_path=TEXT    [required]" in result.stdout and "(default 64)" in result.stdout
 
 
 def test_a_folder_without_a_saved_model_is_a_user_error(job, tmp_path):
-    with pytest.raises(predict.UserError, match=f"--model_dir={tmp_path} holds no saved_model.pb"):
+    with pytest.raises(UserError, match=f"--model_dir={tmp_path} holds no saved_model.pb"):
         predict.run_worker(str(tmp_path), job["list"], str(tmp_path / "o.txt"), "text", 1, 0, False, 4, 4, 10.0)
 
 
@@ -223,7 +254,7 @@ def test_more_workers_than_images_leaves_empty_parts_that_merge(job, model_dir, 
     for index in range(2):
         predict.run_worker(model_dir, str(tmp_path / "one.txt"), out, "jsonl", 2, index, False, 4, 4, 10.0)
     predict.merge(str(tmp_path / "one.txt"), out, "jsonl", 2, False)
-    assert open(f"{out}-00000-of-00002").read() == ""
+    assert pathlib.Path(f"{out}-00000-of-00002").read_text() == ""
     assert len(read_output(out, "jsonl")) == 1
 
 
@@ -233,7 +264,8 @@ def test_multi_label_export_gives_boolean_predictions_from_its_thresholds(job, t
     weights = str(tmp_path / "w.weights.h5")
     models.build_model("resnet-18", 3, 16, seed=4).save_weights(weights)
     thresholds = [0.0, 1.0, 0.5]  # always, never, and by probability
-    export.export_saved_model(weights, "resnet-18", 3, 16, NAMES, str(tmp_path / "model"), thresholds=thresholds)
+    export.export_saved_model(weights, "resnet-18", "multi_label", 3, 16, NAMES, str(tmp_path / "model"),
+                              evaluation={"thresholds": thresholds})
     out = str(tmp_path / "out.jsonl")
     result = run_cli("trainer.predict", [f"--model_dir={tmp_path / 'model'}", f"--input_path={job['list']}",
                                          f"--output_path={out}", "--output_format=jsonl"])
@@ -241,7 +273,47 @@ def test_multi_label_export_gives_boolean_predictions_from_its_thresholds(job, t
     records = [r for _, r in read_output(out, "jsonl") if "error" not in r]
     assert records
     for record in records:
+        assert list(record) == ["class_probs", "predictions", "classes", "class_names", "probs"]
         assert record["predictions"][:2] == [True, False]
         assert record["predictions"][2] == (record["probs"][2] >= 0.5)
         assert sorted(record["classes"]) == [i for i, p in enumerate(record["predictions"]) if p]
         assert record["class_names"] == [NAMES[i] for i in record["classes"]]
+
+
+def test_the_read_pipeline_leaves_out_what_cannot_be_read_or_decoded(job):
+    """Bad images drop out before the model call, so the batches around them run whole."""
+    paths = [predict.resolve(location, str(job["root"])) for location in job["locations"]]
+    batches = predict.encoded_batches(paths, 4, 4, predict._fetcher(10.0, {}))
+    kept = [job["locations"][i] for indices, _ in batches for i in indices.numpy().tolist()]
+    assert kept == [location for location in job["locations"] if location not in job["failed"]]
+
+
+def test_an_image_the_model_cannot_decode_fails_alone_in_its_batch():
+    """The pipeline's decode probe drops most bad images; one that gets past it still costs only its own line."""
+    import tensorflow as tf
+
+    def serve_bytes(image_bytes):
+        if b"bad" in image_bytes.numpy().tolist():
+            raise tf.errors.InvalidArgumentError(None, None, "undecodable")
+        return {"probabilities": tf.fill([len(image_bytes), 3], 1 / 3),
+                "classes": tf.zeros([len(image_bytes), 1], tf.int64)}
+
+    model = inference.Model(serve_bytes, None, tuple(NAMES), "classification", 16)
+    records = predict.predict_batch(model, tf.constant([b"good", b"bad", b"fine"]))
+    assert records[1] is None
+    assert [r["class_names"] for r in (records[0], records[2])] == [["cat"], ["cat"]]
+
+
+def test_serving_reads_only_the_export_never_the_training_code():
+    """No import of trainer.images, models, data, tasks, train or config: only the shared plumbing and itself."""
+    allowed = ("trainer.cli.", "trainer.files.", "trainer.cluster.", "trainer.serving.")
+    for path in pathlib.Path(ROOT, "trainer", "serving").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                modules = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                modules = [f"{node.module}.{alias.name}" for alias in node.names]
+            else:
+                continue
+            for module in modules:
+                assert not module.startswith("trainer") or f"{module}.".startswith(allowed), f"{path.name}: {module}"

@@ -10,6 +10,13 @@ from tests.conftest import run_cli, run_trainer
 from trainer import sample_data
 
 
+def test_writing_the_sample_prints_one_line_and_no_tensorflow_noise(tmp_path):
+    result = run_cli("trainer.sample_data", [str(tmp_path / "digits")])
+    assert result.returncode == 0 and result.stderr == ""
+    assert result.stdout == f"wrote 1437 training and 360 validation digits to {tmp_path / 'digits'}\n"
+    assert len(list((tmp_path / "digits").glob("*.tfrecord"))) == 3
+
+
 def test_split_is_fixed_and_disjoint():
     train_x, train_y, val_x, val_y = sample_data.digits_split()
     again = sample_data.digits_split()

@@ -4,6 +4,7 @@ import base64
 import http.client
 import json
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -12,8 +13,10 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from tests.conftest import EXPORTED_CLASS_NAMES as NAMES, ROOT, assert_user_error, encode, run_cli, tiny_image
-from trainer import serve
+from tests.conftest import EXPORTED_CLASS_NAMES as NAMES
+from tests.conftest import ROOT, assert_user_error, encode, run_main, tiny_image
+from trainer.serving import serve
+from trainer.serving.rest import BadRequest
 
 MAX_BODY = 64 * 1024
 
@@ -170,7 +173,7 @@ def test_batcher_joins_waiting_requests_up_to_the_batch_size():
         release.set()
         assert first.result()["probabilities"].tolist() == [[1]]
         assert later[0].result()["probabilities"].tolist() == [[2]]
-        with pytest.raises(serve.BadRequest, match="not a JPEG"):
+        with pytest.raises(BadRequest, match="not a JPEG"):
             later[1].result()
         assert later[2].result()["probabilities"].tolist() == [[4], [5]]
         assert later[3].result()["probabilities"].tolist() == [[1]]
@@ -182,7 +185,29 @@ def test_batcher_joins_waiting_requests_up_to_the_batch_size():
     (["--port=70000"], "--port=70000 must lie in [0, 65535]"),
     (["--model_dir="], "--model_dir is required"),
     (["--max_batch_size=0"], "--max_batch_size=0 must be at least 1"),
+    (["--batch_timeout_ms=-1"], "--batch_timeout_ms=-1.0 must be at least 0"),
     (["--model_name=a/b"], "--model_name='a/b' must not contain"),
+    (["--bogus=1"], "bogus"),
 ])
-def test_bad_flags_exit_with_one_error_line(args, fragment):
-    assert_user_error(run_cli("trainer.serve", ["--model_dir=m"] + args), fragment)
+def test_bad_flags_exit_with_one_error_line(capsys, args, fragment):
+    assert_user_error(run_main(serve.main, ["--model_dir=m"] + args, capsys), fragment)
+
+
+def test_a_folder_without_a_model_or_a_taken_port_is_one_error_line(model_dir, tmp_path, capsys):
+    result = run_main(serve.main, [f"--model_dir={tmp_path}", "--port=0"], capsys)
+    assert_user_error(result, f"--model_dir={tmp_path} holds no saved_model.pb")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        port = taken.getsockname()[1]
+        result = run_main(serve.main, [f"--model_dir={model_dir}", "--host=127.0.0.1", f"--port={port}"], capsys)
+    assert_user_error(result, f"--port={port} on --host=127.0.0.1")
+
+
+def test_help_shows_usage_an_example_and_the_flags_by_group(capsys):
+    result = run_main(serve.main, ["--help"], capsys)
+    assert result.returncode == 0
+    assert result.stdout.startswith("usage: python -m trainer.serve")
+    assert "example:\n  python -m trainer.serve --model_dir=" in result.stdout
+    assert [g for g in ("model:", "server:", "batching:") if g in result.stdout.splitlines()] == \
+        ["model:", "server:", "batching:"]
+    assert "--model_dir=TEXT    [required]" in result.stdout and "(default 8501)" in result.stdout

@@ -113,8 +113,9 @@ def help_text(program, table):
             lines.extend(body)
         lines.append("")
     lines.append("general:")
-    lines.append("  --flagfile=FILE")
-    lines.append("      Read flags from FILE, one --flag=value per line; flags after it override it.")
+    if table:
+        lines.append("  --flagfile=FILE")
+        lines.append("      Read flags from FILE, one --flag=value per line; flags after it override it.")
     lines.append("  --help")
     lines.append("      Show this help and exit.")
     if program.notes:

@@ -228,7 +228,7 @@ def _read_label_ranges(source, fmt):
 
 def _describe_tfrecord_error(source, parse, error):
     """Finds the file (and record) behind a read or parse error, for the message."""
-    for index, filename in enumerate(source.files):
+    for filename in source.files:
         records = tf.data.TFRecordDataset(filename).enumerate()
         try:
             for i, record in records:

@@ -13,6 +13,8 @@ import sys
 
 import numpy as np
 
+from trainer import cli
+
 NUM_VALIDATION = 360
 SPLIT_SEED = 0
 
@@ -46,16 +48,28 @@ def write_tfrecords(pattern, images, labels, num_shards):
     return paths
 
 
+PROGRAM = cli.Program(
+    usage="python -m trainer.sample_data OUTPUT_DIR",
+    summary="Writes the bundled sample, scikit-learn's 1,797 handwritten digits (8x8, white ink on black), as "
+            "TFRecords: a fixed split of 1,437 training and 360 validation images.",
+    example="python -m trainer.sample_data data/digits",
+    groups=(),
+)
+
+
 def main(argv):
-    if len(argv) != 2:
-        sys.exit("usage: python -m trainer.sample_data OUTPUT_DIR")
+    if any(arg in ("-h", "--help") for arg in argv[1:]):
+        print(cli.help_text(PROGRAM, ()), end="")
+        return
+    if len(argv) != 2 or argv[1].startswith("-"):
+        cli.fail("give one argument, the output folder: python -m trainer.sample_data OUTPUT_DIR")
     out = argv[1]
     os.makedirs(out, exist_ok=True)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    cli.import_tensorflow_quietly()
     train_x, train_y, val_x, val_y = digits_split()
     write_tfrecords(os.path.join(out, "train-{shard:05d}-of-{num_shards:05d}.tfrecord"), train_x, train_y, 2)
     write_tfrecords(os.path.join(out, "validation-{shard:05d}-of-{num_shards:05d}.tfrecord"), val_x, val_y, 1)
-    print(f"wrote {len(train_y)} training and {len(val_y)} validation digits to {out}")
+    cli.say(f"wrote {len(train_y)} training and {len(val_y)} validation digits to {out}")
 
 
 if __name__ == "__main__":

@@ -7,7 +7,9 @@ exit status 2.
 """
 
 import os
+import shutil
 import sys
+import tempfile
 
 from absl import flags
 
@@ -58,12 +60,18 @@ def main(argv=None):
     cli.import_tensorflow_quietly()
     from trainer import train
 
+    # TensorFlow's autograph leaves generated files in the temporary folder until exit hooks
+    # run, which the os._exit below skips: give the run a temporary folder of its own.
+    tempfile.tempdir = tempfile.mkdtemp(prefix="trainer-")
     try:
         train.run(config, job_dir)
     except cli.UserError as e:
         cli.fail(str(e))
     except KeyboardInterrupt:
         cli.fail("interrupted; the last checkpoint in checkpoints/ is intact and the run resumes from it")
+    finally:
+        shutil.rmtree(tempfile.tempdir, ignore_errors=True)
+        tempfile.tempdir = None
 
 
 if __name__ == "__main__":

@@ -1,6 +1,8 @@
-"""Helpers for the hptuning tests (no tests here): a fake trainer that keeps
-the real trainer's contract (flags in, hypertune metrics lines out), study
-configs that use it, and a way to run `python -m hptuning.study`.
+"""Helpers for the hptuning tests: a fake trainer that keeps the real
+trainer's contract (flags in, hypertune metrics lines out), study configs that
+use it, and two ways to run the study driver: `python -m hptuning.study` as a
+process (for what only a process shows: signals, kills, several workers), and
+its main() in the test's process (for mistakes in flags, config or storage).
 
 The fake's behaviour per trial is steered by environment variables the driver
 passes through: FAKE_CRASH / FAKE_SIGKILL / FAKE_BLOCK / FAKE_NAN list trial numbers;
@@ -9,13 +11,16 @@ collects one line per trainer start.
 """
 
 import csv
+import logging
 import os
+import signal
 import subprocess
 import sys
 
 import yaml
 
 from tests.conftest import assert_user_error as assert_one_error_line  # noqa: F401 (re-exported)
+from tests.conftest import run_main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -84,12 +89,32 @@ def driver_argv(config, job_dir, *flags):
 
 def run_driver(config, job_dir, *flags, env=None, timeout=120):
     return subprocess.run(driver_argv(config, job_dir, *flags), cwd=ROOT, env=env or driver_env(),
-                          capture_output=True, text=True, timeout=timeout)
+                          capture_output=True, text=True, timeout=timeout, check=False)
 
 
 def start_driver(config, job_dir, *flags, env=None):
     return subprocess.Popen(driver_argv(config, job_dir, *flags), cwd=ROOT, env=env or driver_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def study_main(capsys, *argv):
+    """hptuning.study's main(argv) in this process, as the command would run it; returns a CompletedProcess.
+
+    Puts back what a run changes in the process: absl's parsed values, the
+    SIGINT/SIGTERM handlers and Optuna's log handlers.
+    """
+    from hptuning import study
+
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    optuna_log = logging.getLogger("optuna")
+    log_handlers = list(optuna_log.handlers)
+    study.FLAGS.unparse_flags()  # absl keeps values between parses
+    try:
+        return run_main(study.main, argv, capsys)
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+        optuna_log.handlers[:] = log_handlers
 
 
 def read_trials(job_dir):

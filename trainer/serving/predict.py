@@ -1,0 +1,252 @@
+"""Offline batch prediction: `python -m trainer.predict --model_dir=... --input_path=... --output_path=...`.
+
+Owns the prediction job: its flags, the input list (one image location a
+line: local path, gs:// or http(s):// URL; blank lines ignored; relative paths
+are relative to the list file), the tf.data pipeline that reads the encoded
+images in parallel, and batched calls of the SavedModel's serving_default
+signature (which decodes, crops and resizes as evaluation did). The output
+file, its resume and its part files are output_file.py's.
+
+A location that cannot be read or decoded gets {"error": ...}; the job goes on.
+Lines are written whole and flushed after every batch, so a killed job leaves
+a valid prefix and the same command resumes after it. Sharding: worker i of N
+(flags, else TF_CONFIG or Vertex AI's CLUSTER_SPEC) predicts a contiguous
+block of the list; the same command with --merge concatenates the parts.
+"""
+
+import os
+import sys
+import urllib.request
+
+from absl import flags
+
+from trainer import cli, files
+from trainer.cli import Flag, UserError
+from trainer.cluster import cluster_from_env
+from trainer.serving import inference, output_file
+
+FLAGS_TABLE = (
+    Flag("model_dir", "string", None, "Exported SavedModel (the model/ folder of a job-dir), local or gs://; "
+         "not needed with --merge.", "inputs", required=True),
+    Flag("input_path", "string", None, "Text file of image locations, one a line (local, gs:// or http(s)://).",
+         "inputs", required=True),
+    Flag("batch_size", "integer", 64, "Images per model call.", "inputs"),
+    Flag("read_threads", "integer", 16, "Images read at once (http(s) fetches and file reads).", "inputs"),
+    Flag("url_timeout_s", "float", 30.0, "Seconds to wait for an http(s) image.", "inputs"),
+    Flag("output_path", "string", None, "Output file (local or gs://); with several workers, the merged file.",
+         "outputs", required=True),
+    Flag("output_format", "string", "text", "text: `location, {json}` lines (PAI style); jsonl: one JSON object "
+         "a line.", "outputs", choices=("text", "jsonl")),
+    Flag("overwrite", "boolean", False, "Replace an existing output instead of resuming it.", "outputs"),
+    Flag("num_workers", "integer", None, "Processes sharing the list (default: from TF_CONFIG / CLUSTER_SPEC, "
+         "else 1).", "workers"),
+    Flag("worker_index", "integer", None, "This process's share, in [0, num_workers).", "workers"),
+    Flag("merge", "boolean", False, "Concatenate the finished part files of all workers into --output_path.",
+         "workers"),
+)
+PROGRAM = cli.Program(
+    usage="python -m trainer.predict --model_dir=DIR --input_path=LIST --output_path=FILE [--flag=value ...]",
+    summary="Predicts every image of a list with an exported model and writes one line per image, in list order.",
+    example="python -m trainer.predict --model_dir=runs/digits/model --input_path=images.txt "
+            "--output_path=predictions.txt",
+    groups=("inputs", "outputs", "workers"),
+    notes="A killed job resumes when the same command runs again. Without --num_workers, TF_CONFIG or Vertex "
+          "AI's CLUSTER_SPEC says which share of the list this process predicts.",
+)
+FLAGS = flags.FlagValues()
+cli.define(FLAGS_TABLE, FLAGS)
+
+
+def read_locations(input_path):
+    if not files.exists(input_path):
+        raise UserError(f"--input_path={input_path} does not exist")
+    with files.gfile().GFile(input_path) as f:
+        return [line.strip() for line in f if line.strip()]
+
+
+def resolve(location, list_dir):
+    if "://" in location or os.path.isabs(location):
+        return location
+    return os.path.join(list_dir, location)
+
+
+def _fetcher(timeout_s, url_errors):
+    def fetch(url):
+        url = url.numpy().decode("utf-8")
+        try:
+            with urllib.request.urlopen(url, timeout=timeout_s) as response:
+                return response.read()
+        except Exception as e:  # any failure becomes this image's error line
+            url_errors[url] = f"cannot fetch {url}: {e}"
+            raise
+    return fetch
+
+
+def encoded_batches(paths, batch_size, read_threads, fetch):
+    """(indices, encoded images) batches in input order; unreadable or undecodable images are left out."""
+    import tensorflow as tf
+
+    is_url = [p.startswith(("http://", "https://")) for p in paths]
+    ds = tf.data.Dataset.from_tensor_slices(
+        (tf.range(len(paths), dtype=tf.int64), tf.constant(paths, tf.string), tf.constant(is_url, tf.bool)))
+
+    def read(index, path, url):
+        data = tf.cond(url, lambda: tf.py_function(fetch, [path], tf.string), lambda: tf.io.read_file(path))
+        return index, tf.ensure_shape(data, [])
+
+    def probe(index, data):
+        # The model decodes its whole batch in one call, so one bad image would fail the batch: drop it here,
+        # decoding each image once, cheaply (a JPEG at 1/8 scale), in parallel with the model. The shape goes
+        # through ignore_errors() and is dropped only after it: tf.data's graph rewrites prune an unused decode.
+        is_jpeg = tf.equal(tf.strings.substr(data, 0, 3), b"\xff\xd8\xff")
+        shape = tf.cond(is_jpeg, lambda: tf.shape(tf.io.decode_jpeg(data, channels=3, ratio=8)),
+                        lambda: tf.shape(tf.io.decode_image(data, channels=3, expand_animations=False)))
+        return index, data, shape
+
+    ds = ds.map(read, num_parallel_calls=read_threads)
+    ds = ds.map(probe, num_parallel_calls=tf.data.AUTOTUNE).ignore_errors()
+    return ds.map(lambda index, data, shape: (index, data)).batch(batch_size).prefetch(2)
+
+
+def _error(path, url_errors):
+    import tensorflow as tf
+
+    if path in url_errors:
+        return url_errors[path]
+    if not path.startswith(("http://", "https://")):
+        try:
+            if not files.exists(path):
+                return f"not found: {path}"
+        except tf.errors.OpError as e:
+            return f"cannot read {path}: {e.message}"
+    return f"cannot decode {path} as an image (JPEG, PNG, GIF or BMP)"
+
+
+def predict_batch(model, encoded):
+    """One record per image of the batch; None for an image the model cannot decode (the others still get theirs)."""
+    import tensorflow as tf
+
+    try:
+        return inference.pai_records(model.serve_bytes(image_bytes=encoded), model.class_names)
+    except tf.errors.InvalidArgumentError:  # an image the probe let through: find it, image by image
+        if len(encoded) == 1:
+            return [None]
+        return [record for i in range(len(encoded)) for record in predict_batch(model, encoded[i:i + 1])]
+
+
+def predict_into(out, model, locations, paths, output_format, batch_size, read_threads, url_timeout_s):
+    """Appends one line per location to the open file `out`, flushing per batch; returns the failures."""
+    url_errors = {}
+    batches = encoded_batches(paths, batch_size, read_threads, _fetcher(url_timeout_s, url_errors))
+    done, failures = 0, 0
+
+    def error_line(i):
+        nonlocal failures
+        failures += 1
+        return output_file.format_line(locations[i], {"error": _error(paths[i], url_errors)}, output_format)
+
+    for batch_count, (indices, encoded) in enumerate(batches, 1):
+        lines = []
+        for index, record in zip(indices.numpy().tolist(), predict_batch(model, encoded)):
+            lines += [error_line(i) for i in range(done, index)]
+            if record is None:
+                lines.append(error_line(index))
+            else:
+                lines.append(output_file.format_line(locations[index], record, output_format))
+            done = index + 1
+        out.write("".join(lines))
+        out.flush()
+        if batch_count % 20 == 0:  # progress on stderr: stdout carries only the result lines
+            print(f"predicted {done}/{len(locations)}", file=sys.stderr, flush=True)
+    out.write("".join(error_line(i) for i in range(done, len(locations))))
+    out.flush()
+    return failures
+
+
+def merge(input_path, output_path, output_format, num_workers, overwrite):
+    """Concatenates the finished parts of all workers into output_path, in input order."""
+    if files.exists(output_path) and not overwrite:
+        raise UserError(f"{output_path} exists; pass --overwrite to replace it")
+    all_locations = read_locations(input_path)
+    failures = output_file.merge_parts(all_locations, output_path, output_format, num_workers)
+    cli.say(f"{len(all_locations)} images, {failures} failed: merged {num_workers} parts into {output_path}")
+
+
+def run_worker(model_dir, input_path, output_path, output_format, num_workers, index, overwrite, batch_size,
+               read_threads, url_timeout_s):
+    all_locations = read_locations(input_path)
+    start, stop = output_file.shard_bounds(len(all_locations), num_workers, index)
+    locations = all_locations[start:stop]
+    path = output_file.part_path(output_path, index, num_workers)
+    if overwrite:
+        files.remove(path)
+    done, failures = output_file.scan_output(path, locations, output_format)
+    if done == len(locations) and files.exists(path):
+        raise UserError(f"{path} is already complete ({done} lines); pass --overwrite to predict again")
+    model = inference.load(model_dir)
+    if os.path.dirname(path):
+        files.makedirs(os.path.dirname(path))
+    list_dir = os.path.dirname(input_path)
+    todo = locations[done:]
+    with files.gfile().GFile(path, "a") as out:
+        failures += predict_into(out, model, todo, [resolve(loc, list_dir) for loc in todo], output_format,
+                                 batch_size, read_threads, url_timeout_s)
+    resumed = f" (resumed after {done})" if done else ""
+    cli.say(f"{len(locations)} images{resumed}, {failures} failed: {path}")
+    if num_workers > 1:
+        cli.say(f"once all {num_workers} workers are done, run the same command with --merge")
+
+
+def workers(num_workers, worker_index, merging, environ):
+    """(number of workers, this one's index): from the flags, else from the cluster the environment names."""
+    if num_workers is None:
+        if worker_index is not None:
+            raise UserError("--worker_index needs --num_workers")
+        try:
+            cluster = cluster_from_env(environ)
+        except UserError as e:
+            raise UserError(f"{e}; or give --num_workers and --worker_index") from None
+        num_workers, worker_index = cluster.size, cluster.index
+    elif num_workers < 1:
+        raise UserError(f"--num_workers={num_workers} must be at least 1")
+    elif worker_index is None and num_workers > 1 and not merging:
+        raise UserError("--num_workers > 1 needs --worker_index (in [0, num_workers))")
+    worker_index = worker_index or 0
+    if not 0 <= worker_index < num_workers:
+        raise UserError(f"--worker_index={worker_index} must lie in [0, {num_workers})")
+    if merging and num_workers == 1:
+        raise UserError("--merge needs --num_workers > 1 (the number of part files)")
+    return num_workers, worker_index
+
+
+def _check(values):
+    """Raises UserError for the first bad value, every missing required flag named together."""
+    missing = cli.missing_flags(values, FLAGS_TABLE)
+    missing += [f.name for f in FLAGS_TABLE if f.required and values[f.name].value == ""]  # --flag= counts as missing
+    cli.require([name for name in missing if not (name == "model_dir" and values["merge"].value)])
+    if values["output_format"].value not in ("text", "jsonl"):
+        raise UserError(f"--output_format={values['output_format'].value} is not one of: text, jsonl")
+    for name in ("batch_size", "read_threads"):
+        if values[name].value < 1:
+            raise UserError(f"--{name}={values[name].value} must be at least 1")
+    if values["url_timeout_s"].value <= 0:
+        raise UserError(f"--url_timeout_s={values['url_timeout_s'].value} must be positive")
+
+
+def main(argv=None):
+    FLAGS.unparse_flags()  # main() may run more than once in a process (tests): start from the defaults
+    cli.parse_command_line(FLAGS, argv, help_of=(PROGRAM, FLAGS_TABLE))
+    v = FLAGS
+    try:
+        _check(v)
+        num_workers, index = workers(v.num_workers, v.worker_index, v.merge, os.environ)
+        cli.import_tensorflow_quietly()
+        if v.merge:
+            merge(v.input_path, v.output_path, v.output_format, num_workers, v.overwrite)
+        else:
+            run_worker(v.model_dir, v.input_path, v.output_path, v.output_format, num_workers, index, v.overwrite,
+                       v.batch_size, v.read_threads, v.url_timeout_s)
+    except UserError as e:
+        cli.fail(str(e))
+    except KeyboardInterrupt:
+        cli.fail("interrupted; every line written is complete: rerun the same command to resume")
