@@ -29,6 +29,6 @@ setup(
     ],
     extras_require={
         "jax": ["jax[cpu]>=0.6"],
-        "test": ["pytest>=8", "pytest-xdist>=3", "pillow>=10", "jax[cpu]>=0.6", "ruff>=0.6"],
+        "test": ["pytest>=8", "pytest-xdist>=3", "pillow>=10", "jax[cpu]>=0.6", "ruff==0.17.6"],
     },
 )

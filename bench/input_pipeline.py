@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np
 import tensorflow as tf
 
-from trainer import data
+from trainer import data, sources
 from trainer.tasks import CLASSIFICATION
 
 
@@ -61,9 +61,9 @@ def images_per_second(ds, batches, batch_size):
 
 
 def ours(folder, image_size, batch_size):
-    source = data.open_source(folder, "training_data_path")
-    scan = data.scan(source, 2, data.RecordFormat(), 0.0)
-    return data.training_dataset(source, scan, data.RecordFormat(), CLASSIFICATION.target, batch_size, image_size, 2, seed=0,
+    source = sources.open_source(folder, "training_data_path")
+    scan = data.scan(source, 2, sources.RecordFormat(), 0.0)
+    return data.training_dataset(source, scan, sources.RecordFormat(), CLASSIFICATION.target, batch_size, image_size, 2, seed=0,
                                  min_area=0.08, flip=True)
 
 

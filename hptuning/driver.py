@@ -123,10 +123,7 @@ def run_study(spec, job_dir, storage_url, study_name, heartbeat_interval=60, pol
                 f"{f' and {running} running on other workers' if running else ''}; nothing to run here")
     finally:  # interrupted too: the outputs show what finished
         say(outputs.write_all(study, spec, job_dir, shown))
-    if progress.failure:
-        print(f"error: {progress.failure}", file=sys.stderr, flush=True)
-        return 1
-    return 0
+    return progress.failure
 
 
 def quiet_optuna():

@@ -10,7 +10,6 @@ exits with 1.
 
 import dataclasses
 import os
-import sys
 
 from absl import flags
 
@@ -87,16 +86,18 @@ def check_against_trainer(spec):
 
 
 def _missing(values):
-    """The required flags not given (--job_dir stands in for --job-dir)."""
-    missing = cli.missing_flags(values, STUDY_FLAGS)
-    if _JOB_DIR.name in missing and values[_JOB_DIR_ALIAS.name].value:
-        missing.remove(_JOB_DIR.name)
+    """The required flags not given; the job-dir counts as given under either spelling.
+
+    Not from $AIP_MODEL_DIR, as the trainer takes it: that names one trial's model, not a study's folder.
+    """
+    missing = [name for name in cli.missing_flags(values, STUDY_FLAGS) if name != _JOB_DIR.name]
+    if cli.given_job_dir(values, environ={}) is None:
+        missing.append(_JOB_DIR.name)
     return missing
 
 
 def _job_dir(values):
-    # Not $AIP_MODEL_DIR, as the trainer takes: that names one trial's model, not a study's folder.
-    job_dir = cli.job_dir_from_flags(values, "a local folder for the trials and the study's outputs", environ={})
+    job_dir = cli.given_job_dir(values, environ={})
     if "://" in job_dir:
         raise cli.UserError(f"--job-dir={job_dir}: must be a local folder (trials write their metrics files there)")
     return os.path.abspath(job_dir)
@@ -127,12 +128,13 @@ def main(argv=None):
         # Optuna loads only now, once the flags and the study config are known good.
         from hptuning import driver
 
-        code = driver.run(spec, job_dir, FLAGS.storage, name, FLAGS.heartbeat_interval, FLAGS.poll_seconds)
+        failure = driver.run(spec, job_dir, FLAGS.storage, name, FLAGS.heartbeat_interval, FLAGS.poll_seconds)
     except cli.UserError as e:
         cli.fail(str(e))
     except KeyboardInterrupt:
         cli.fail("interrupted; run the same command again to resume the study (finished trials are kept)")
-    sys.exit(code)
+    if failure:
+        cli.fail(failure, status=1)
 
 
 if __name__ == "__main__":

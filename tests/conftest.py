@@ -150,6 +150,16 @@ def assert_user_error(result, *fragments):
     return errors[0]
 
 
+def assert_tool_help(result, module, groups, required, default):
+    """--help reads like a tool's: usage, an example, the flags under their groups in order, required ones marked."""
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"usage: python -m {module}")
+    assert f"example:\n  python -m {module} " in result.stdout
+    lines = result.stdout.splitlines()
+    assert [f"{g}:" for g in groups if f"{g}:" in lines] == [f"{g}:" for g in groups]
+    assert f"--{required}=TEXT    [required]" in result.stdout and f"(default {default})" in result.stdout
+
+
 EXPORTED_CLASS_NAMES = ["cat", "dog", "bird"]
 
 

@@ -4,47 +4,47 @@ import numpy as np
 import pytest
 
 from tests.conftest import encode, write_folder
-from trainer import data
+from trainer import data, sources
 from trainer.tasks import CLASSIFICATION
 
 
 def test_a_partial_evaluation_draws_from_every_class(tmp_path):
     folder = write_folder(tmp_path / "val", per_class=6, num_classes=3)  # sorted by class on disk
-    source = data.open_source(folder, "validation_data_path")
-    scan = data.scan(source, 3, data.RecordFormat(), 0.0)
-    ds, count = data.eval_dataset(source, scan, data.RecordFormat(), CLASSIFICATION.target, 6, 16, 3, num_images=6)
+    source = sources.open_source(folder, "validation_data_path")
+    scan = data.scan(source, 3, sources.RecordFormat(), 0.0)
+    ds, count = data.eval_dataset(source, scan, sources.RecordFormat(), CLASSIFICATION.target, 6, 16, 3, num_images=6)
     labels = np.concatenate([y.argmax(axis=1) for _, y in ds.as_numpy_iterator()])
     assert count == 6 and len(labels) == 6
     assert len(set(labels)) > 1  # the first 6 records would all be class 0
-    again_ds, _ = data.eval_dataset(source, scan, data.RecordFormat(), CLASSIFICATION.target, 6, 16, 3, 6)
+    again_ds, _ = data.eval_dataset(source, scan, sources.RecordFormat(), CLASSIFICATION.target, 6, 16, 3, 6)
     again = np.concatenate([y.argmax(axis=1) for _, y in again_ds.as_numpy_iterator()])
     np.testing.assert_array_equal(labels, again)  # the same subset every evaluation
 
 
 def test_label_map_must_follow_the_class_folders(tmp_path):
     folder = write_folder(tmp_path / "train", per_class=1, num_classes=2)
-    source = data.open_source(folder, "training_data_path")
+    source = sources.open_source(folder, "training_data_path")
     label_map = tmp_path / "labels.txt"
     label_map.write_text("class_1\nclass_0\n")
     with pytest.raises(data.UserError, match="--label_map_path: .* class_0, class_1"):
-        data.class_names(source, source, 2, str(label_map))
+        sources.class_names(source, source, 2, str(label_map))
     label_map.write_text("class_0\nclass_1\n")
-    assert data.class_names(source, source, 2, str(label_map)) == ("class_0", "class_1")
+    assert sources.class_names(source, source, 2, str(label_map)) == ("class_0", "class_1")
 
 
 def test_list_written_with_a_byte_order_mark(tmp_path):
     (tmp_path / "a.png").write_bytes(encode(np.zeros((8, 8, 3), np.uint8), "PNG"))
     listing = tmp_path / "list.txt"
     listing.write_bytes("\ufeffa.png 0\r\na.png 1\r\n".encode("utf-8"))
-    source = data.open_source(str(listing), "training_data_path")
+    source = sources.open_source(str(listing), "training_data_path")
     assert source.files[0].endswith("/a.png") and source.labels == ((0,), (1,))
-    assert len(data.scan(source, 2, data.RecordFormat(), 0.0).keys) == 2
+    assert len(data.scan(source, 2, sources.RecordFormat(), 0.0).keys) == 2
 
 
 def test_nothing_decodable_is_an_error_even_when_corruption_is_allowed(tmp_path):
     (tmp_path / "bad.jpg").write_bytes(b"not an image")
     listing = tmp_path / "list.txt"
     listing.write_text("bad.jpg 0\n")
-    source = data.open_source(str(listing), "validation_data_path")
+    source = sources.open_source(str(listing), "validation_data_path")
     with pytest.raises(data.UserError, match="--validation_data_path: none of its 1 images"):
-        data.scan(source, 2, data.RecordFormat(), 1.0)
+        data.scan(source, 2, sources.RecordFormat(), 1.0)

@@ -61,7 +61,10 @@ def cluster_env(workers, index, tmp_path):
     return {"TF_CONFIG": json.dumps(tf_config), "CLOUD_ML_HP_METRIC_FILE": str(tmp_path / f"hypertune-{index}")}
 
 
-@pytest.mark.parametrize("backend, engine", [("jax", "keras.distribution"), ("tensorflow", "MultiWorkerMirroredStrategy")])
+@pytest.mark.parametrize("backend, engine", [
+    pytest.param("jax", "keras.distribution", marks=pytest.mark.slow),  # 40 s: two JAX processes, each compiling
+    ("tensorflow", "MultiWorkerMirroredStrategy"),
+])
 def test_two_processes_train_one_model_and_only_the_chief_writes(tmp_path, backend, engine):
     if backend == "jax":
         pytest.importorskip("jax")

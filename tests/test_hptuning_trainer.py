@@ -34,10 +34,11 @@ def test_study_over_the_real_trainer(tmp_path):
         parameters={"initial_learning_rate": {"type": "double", "min": 0.01, "max": 0.1, "scale": "log"},
                     "optimizer_type": {"type": "categorical", "values": ["momentum", "adam"]}})
     job_dir = str(tmp_path / "sweep")
-    scratch = tmp_path / "tmp"  # TensorFlow leaves its autograph files in the trainers' temporary folder
+    scratch = tmp_path / "tmp"
     scratch.mkdir()
     result = run_driver(config, job_dir, env=driver_env(TMPDIR=scratch), timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
+    assert not list(scratch.iterdir())  # trainers leave nothing in the temporary folder (autograph's files included)
     trials = read_trials(job_dir)
     assert [t["state"] for t in trials] == ["COMPLETE", "COMPLETE"]
     assert all(t["last_step"] == "4" for t in trials)  # evaluations at steps 2 and 4 reached the driver

@@ -8,7 +8,7 @@ import pytest
 import tensorflow as tf
 
 from tests.conftest import assert_user_error, encode, tiny_flags, write_tfrecords
-from trainer import data, metrics, sample_data
+from trainer import data, metrics, sample_data, sources
 
 NUM_CLASSES = 10
 
@@ -90,19 +90,19 @@ def test_image_list_with_several_labels_per_line(tmp_path):
     (tmp_path / "a.png").write_bytes(encode(np.zeros((8, 8, 3), np.uint8), "PNG"))
     listing = tmp_path / "list.txt"
     listing.write_text("a.png 1,4,7\na.png 2\na.png\n")
-    source = data.open_source(str(listing), "training_data_path", data.RecordFormat(several_labels=True))
+    source = sources.open_source(str(listing), "training_data_path", sources.RecordFormat(several_labels=True))
     assert source.labels == ((1, 4, 7), (2,), ())
-    scan = data.scan(source, 8, data.RecordFormat(several_labels=True), 0.0)
+    scan = data.scan(source, 8, sources.RecordFormat(several_labels=True), 0.0)
     assert len(scan.keys) == 3
     with pytest.raises(data.UserError, match=r"label 7 of .*line 1.* outside \[0, 5\)"):
-        data.scan(source, 5, data.RecordFormat(several_labels=True), 0.0)
+        data.scan(source, 5, sources.RecordFormat(several_labels=True), 0.0)
 
 
 def test_single_label_list_refuses_several_labels(tmp_path):
     listing = tmp_path / "list.txt"
     listing.write_text("a.png 1,4\n")
     with pytest.raises(data.UserError, match="line 1: expected 'image_path integer_label'"):
-        data.open_source(str(listing), "training_data_path", data.RecordFormat())
+        sources.open_source(str(listing), "training_data_path", sources.RecordFormat())
 
 
 @pytest.mark.parametrize("flag, fragment", [

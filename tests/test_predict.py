@@ -14,6 +14,7 @@ import pytest
 
 from tests.conftest import EXPORTED_CLASS_NAMES as NAMES
 from tests.conftest import (
+    assert_tool_help,
     ROOT,
     assert_user_error,
     encode,
@@ -120,14 +121,14 @@ def test_each_location_gets_the_models_prediction_or_an_error_line_in_input_orde
 
 def test_jsonl_holds_the_same_records_with_their_location(job, model_dir, cli_output, tmp_path):
     out = str(tmp_path / "p.jsonl")
-    predict.run_worker(model_dir, job["list"], out, "jsonl", 1, 0, False, 5, 4, 10.0)
+    predict.run_worker(model_dir, job["list"], out, output_format="jsonl", batch_size=5, read_threads=4)
     assert_same_predictions(read_output(out, "jsonl"), read_output(cli_output[0]))
 
 
 def test_shards_merge_into_the_unsharded_output(job, model_dir, cli_output, tmp_path, capsys):
     out = str(tmp_path / "sharded.txt")
     for index in range(3):
-        predict.run_worker(model_dir, job["list"], out, "text", 3, index, False, 2, 4, 10.0)
+        predict.run_worker(model_dir, job["list"], out, num_workers=3, index=index, batch_size=2, read_threads=4)
     parts = sorted(os.listdir(tmp_path))
     assert parts == [f"sharded.txt-0000{i}-of-00003" for i in range(3)]
     predict.merge(job["list"], out, "text", 3, False)
@@ -137,7 +138,7 @@ def test_shards_merge_into_the_unsharded_output(job, model_dir, cli_output, tmp_
 
 def test_merge_refuses_while_a_part_is_unfinished(job, model_dir, tmp_path):
     out = str(tmp_path / "sharded.txt")
-    predict.run_worker(model_dir, job["list"], out, "text", 2, 0, False, 4, 4, 10.0)
+    predict.run_worker(model_dir, job["list"], out, num_workers=2, index=0, batch_size=4, read_threads=4)
     with pytest.raises(UserError, match="00001-of-00002 has 0 of 6 lines; run .*worker 1"):
         predict.merge(job["list"], out, "text", 2, False)
     assert not os.path.exists(out)
@@ -147,7 +148,7 @@ def test_rerun_after_a_kill_resumes_after_the_complete_lines(job, model_dir, cli
     full = pathlib.Path(cli_output[0]).read_text().splitlines(keepends=True)
     out = tmp_path / "resumed.txt"
     out.write_text("".join(full[:4]) + full[4][:17])  # killed while writing line 5
-    predict.run_worker(model_dir, job["list"], str(out), "text", 1, 0, False, 4, 4, 10.0)
+    predict.run_worker(model_dir, job["list"], str(out), batch_size=4, read_threads=4)
     assert_same_predictions(read_output(out), read_output(cli_output[0]))
     assert "(resumed after 4), 3 failed" in capsys.readouterr().out
 
@@ -157,14 +158,15 @@ def test_finished_or_foreign_output_is_kept_unless_overwrite(job, model_dir, cli
     out = tmp_path / "out.txt"
     out.write_text(finished)
     with pytest.raises(UserError, match="already complete.*--overwrite"):
-        predict.run_worker(model_dir, job["list"], str(out), "text", 1, 0, False, 4, 4, 10.0)
+        predict.run_worker(model_dir, job["list"], str(out), batch_size=4, read_threads=4)
     with pytest.raises(UserError, match="line 1 is not this job.*--overwrite"):
-        predict.run_worker(model_dir, job["list"], str(out), "jsonl", 1, 0, False, 4, 4, 10.0)
+        predict.run_worker(model_dir, job["list"], str(out), output_format="jsonl", batch_size=4, read_threads=4)
     out.write_text("someone else's notes\n")
     with pytest.raises(UserError, match="line 1 is not this job"):
-        predict.run_worker(model_dir, job["list"], str(out), "text", 1, 0, False, 4, 4, 10.0)
+        predict.run_worker(model_dir, job["list"], str(out), batch_size=4, read_threads=4)
     assert out.read_text() == "someone else's notes\n"
-    predict.run_worker(model_dir, job["list"], str(out), "jsonl", 1, 0, True, 4, 4, 10.0)
+    predict.run_worker(model_dir, job["list"], str(out), output_format="jsonl", overwrite=True, batch_size=4,
+                       read_threads=4)
     assert len(read_output(out, "jsonl")) == len(job["locations"])
 
 
@@ -211,7 +213,7 @@ def test_multi_label_records_list_the_predicted_classes_most_probable_first():
 
 
 @pytest.mark.parametrize("args, fragment", [
-    (["--output_format=csv"], "--output_format=csv is not one of: text, jsonl"),
+    (["--output_format=csv"], "--output_format must be one of text, jsonl (got 'csv')"),
     (["--num_workers=2", "--worker_index=2"], "--worker_index=2 must lie in [0, 2)"),
     (["--num_workers=2"], "--num_workers > 1 needs --worker_index"),
     (["--batch_size=0"], "--batch_size=0 must be at least 1"),
@@ -235,30 +237,26 @@ def test_missing_required_flags_are_named_together(capsys):
 
 def test_help_shows_usage_an_example_and_the_flags_by_group(capsys):
     result = run_main(predict.main, ["--help"], capsys)
-    assert result.returncode == 0
-    assert result.stdout.startswith("usage: python -m trainer.predict")
-    assert "example:\n  python -m trainer.predict --model_dir=" in result.stdout
-    assert [g for g in ("inputs:", "outputs:", "workers:") if g in result.stdout.splitlines()] == \
-        ["inputs:", "outputs:", "workers:"]
-    assert "--input_path=TEXT    [required]" in result.stdout and "(default 64)" in result.stdout
+    assert_tool_help(result, "trainer.predict", ("inputs", "outputs", "workers"), "input_path", 64)
 
 
 def test_a_folder_without_a_saved_model_is_a_user_error(job, tmp_path):
     with pytest.raises(UserError, match=f"--model_dir={tmp_path} holds no saved_model.pb"):
-        predict.run_worker(str(tmp_path), job["list"], str(tmp_path / "o.txt"), "text", 1, 0, False, 4, 4, 10.0)
+        predict.run_worker(str(tmp_path), job["list"], str(tmp_path / "o.txt"))
 
 
 def test_more_workers_than_images_leaves_empty_parts_that_merge(job, model_dir, tmp_path):
     (tmp_path / "one.txt").write_text(job["locations"][0] if os.path.isabs(job["locations"][0]) else "x.jpg")
     out = str(tmp_path / "out.txt")
     for index in range(2):
-        predict.run_worker(model_dir, str(tmp_path / "one.txt"), out, "jsonl", 2, index, False, 4, 4, 10.0)
+        predict.run_worker(model_dir, str(tmp_path / "one.txt"), out, output_format="jsonl", num_workers=2, index=index,
+                           batch_size=4, read_threads=4)
     predict.merge(str(tmp_path / "one.txt"), out, "jsonl", 2, False)
     assert pathlib.Path(f"{out}-00000-of-00002").read_text() == ""
     assert len(read_output(out, "jsonl")) == 1
 
 
-def test_multi_label_export_gives_boolean_predictions_from_its_thresholds(job, tmp_path):
+def test_multi_label_export_gives_boolean_predictions_from_its_thresholds(job, tmp_path, capsys):
     from trainer import export, models
 
     weights = str(tmp_path / "w.weights.h5")
@@ -267,8 +265,8 @@ def test_multi_label_export_gives_boolean_predictions_from_its_thresholds(job, t
     export.export_saved_model(weights, "resnet-18", "multi_label", 3, 16, NAMES, str(tmp_path / "model"),
                               evaluation={"thresholds": thresholds})
     out = str(tmp_path / "out.jsonl")
-    result = run_cli("trainer.predict", [f"--model_dir={tmp_path / 'model'}", f"--input_path={job['list']}",
-                                         f"--output_path={out}", "--output_format=jsonl"])
+    result = run_main(predict.main, [f"--model_dir={tmp_path / 'model'}", f"--input_path={job['list']}",
+                                     f"--output_path={out}", "--output_format=jsonl"], capsys)
     assert result.returncode == 0, result.stderr
     records = [r for _, r in read_output(out, "jsonl") if "error" not in r]
     assert records

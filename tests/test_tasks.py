@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from trainer.tasks import CLASSIFICATION, MULTI_LABEL, TASKS, EvaluationSettings, all_metrics
+from trainer.tasks import CLASSIFICATION, MULTI_LABEL, TASKS, EvaluationSettings
 
 
 def test_targets_are_one_hot_or_multi_hot():
@@ -56,4 +56,20 @@ def test_export_outputs_rank_classes_and_apply_the_thresholds():
 def test_each_task_names_its_default_metric_first_and_top_5_needs_six_classes():
     assert TASKS["classification"].metrics[0] == "top_1_accuracy" and TASKS["multi_label"].metrics[0] == "mAP"
     assert "top_5_accuracy" not in CLASSIFICATION.metrics_for(5) and "top_5_accuracy" in CLASSIFICATION.metrics_for(6)
-    assert set(all_metrics()) == set(CLASSIFICATION.metrics) | set(MULTI_LABEL.metrics)
+
+
+def test_a_multi_label_export_without_its_thresholds_is_refused():
+    with pytest.raises(ValueError, match="needs the thresholds"):
+        MULTI_LABEL.export_outputs(tf.zeros([1, 2]), tf.constant(["a", "b"]), {})
+
+
+def test_the_head_gives_one_float32_logit_per_class_under_mixed_precision():
+    import keras
+
+    keras.mixed_precision.set_dtype_policy("mixed_bfloat16")
+    try:
+        features = keras.Input((8,))
+        logits = CLASSIFICATION.head(features, 3)
+    finally:
+        keras.mixed_precision.set_dtype_policy("float32")
+    assert logits.shape == (None, 3) and logits.dtype == "float32"

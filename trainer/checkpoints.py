@@ -53,7 +53,7 @@ class Checkpoints:
         if "optimizer" not in state:
             return
         # Checkpoints of version 0.1.0 before the optimizer state moved into the weights file kept it apart.
-        with files.gfile().GFile(os.path.join(self.read_folder, state["optimizer"]), "rb") as f:
+        with files.open_file(os.path.join(self.read_folder, state["optimizer"]), "rb") as f:
             saved = np.load(io.BytesIO(f.read()))
             values = [saved[f"v{i}"] for i in range(len(saved.files))]
         if len(values) != len(optimizer.variables):
@@ -77,6 +77,6 @@ class Checkpoints:
         files.write_json(os.path.join(self.folder, "state.json"),
                          {**state, "run": self.fingerprint, "step": step, "weights": weights})
         keep = {weights, state.get("best_weights")}
-        for name in files.gfile().listdir(self.folder):
+        for name in files.listdir(self.folder):
             if name.startswith(("ckpt-", "best-")) and name not in keep:
                 files.remove(os.path.join(self.folder, name))

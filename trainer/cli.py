@@ -20,10 +20,11 @@ class UserError(Exception):
     """A mistake the user can fix; reported as one line, without a traceback."""
 
 
-def fail(message):
-    """Ends the program after a user mistake: one `error:` line on stderr, exit status 2."""
+def fail(message, status=2):
+    """Ends the program after a user mistake (status 2) or a failure it explains (another status):
+    one `error:` line on stderr."""
     print(f"error: {message}", file=sys.stderr, flush=True)
-    sys.exit(2)
+    sys.exit(status)
 
 
 _say_lock = threading.Lock()
@@ -89,18 +90,22 @@ class Program:
     example: str  # a command a user can copy
     groups: tuple  # group names in the order --help shows them
     notes: str = ""  # a closing paragraph (where the flags' values may also come from)
+    group_notes: tuple = ()  # ((group, text), ...): a paragraph under a group's name, e.g. its environment
 
 
 def help_text(program, table):
     """A tool's help: usage, one sentence, an example, then the flags by group; required ones marked."""
     lines = [f"usage: {program.usage}", "", program.summary, "", "example:", f"  {program.example}", ""]
+    group_notes = dict(program.group_notes)
     for group in program.groups:
         members = [flag for flag in table if flag.group == group]
-        if not members:
+        if not members and group not in group_notes:
             continue
         lines.append(f"{group}:")
+        if group in group_notes:
+            lines.extend(textwrap.wrap(group_notes[group], width=100, initial_indent=" " * 2, subsequent_indent=" " * 2))
         for flag in members:
-            value = {"boolean": "", "integer": "=N", "float": "=X"}.get(flag.kind, "=TEXT")
+            value = {"boolean": "=true|false", "integer": "=N", "float": "=X"}.get(flag.kind, "=TEXT")
             head = f"  --{flag.name}{value}" + ("    [required]" if flag.required else "")
             notes = []
             if not flag.required and flag.shown_default():
@@ -134,6 +139,7 @@ def parse_command_line(flag_values, argv=None, help_of=None):
     if any(arg in ("-h", "--help", "--helpfull") for arg in argv[1:]):
         print(help_text(*help_of) if help_of else flag_values.get_help(), end="")
         sys.exit(0)
+    flag_values.unparse_flags()  # a second parse in one process (tests) starts from the defaults
     try:
         rest = flag_values(argv)
     except flags.Error as e:
@@ -143,8 +149,16 @@ def parse_command_line(flag_values, argv=None, help_of=None):
 
 
 def missing_flags(flag_values, table):
-    """The required flags of table that were not given."""
-    return [flag.name for flag in table if flag.required and flag_values[flag.name].value is None]
+    """The required flags of table that were not given, or given empty (--model_dir=)."""
+    return [flag.name for flag in table if flag.required and flag_values[flag.name].value in (None, "")]
+
+
+def check_choices(flag_values, table):
+    """Raises UserError for the first flag whose value is not one of its table's choices."""
+    for flag in table:
+        value = flag_values[flag.name].value
+        if flag.choices and value is not None and value not in flag.choices:
+            raise UserError(f"--{flag.name} must be one of {', '.join(flag.choices)} (got {value!r})")
 
 
 def require(names, help_hint="see --help"):
@@ -155,25 +169,25 @@ def require(names, help_hint="see --help"):
 
 
 JOB_DIR_FLAGS = (
-    Flag("job-dir", "string", None, "Output folder, local or gs://.", "outputs"),
+    Flag("job-dir", "string", None, "Output folder. Required (trainer: unless $AIP_MODEL_DIR names its model/).",
+         "outputs"),
     Flag("job_dir", "string", None, "Same as --job-dir.", "outputs"),
 )
 
 
-def job_dir_from_flags(flag_values, what, environ=os.environ):
-    """The one job-dir of --job-dir / --job_dir; from $AIP_MODEL_DIR's parent when neither is given.
+def given_job_dir(flag_values, environ=os.environ):
+    """The one job-dir of --job-dir / --job_dir, else $AIP_MODEL_DIR's parent; None when nothing names one.
 
-    what: the help for the error when none is given, e.g. "an output folder, local or gs://".
+    Pass environ={} where $AIP_MODEL_DIR must not count (the study driver).
     """
     dashed, underscored = flag_values["job-dir"].value, flag_values["job_dir"].value
     if dashed and underscored and dashed != underscored:
         raise UserError("--job-dir and --job_dir disagree; give one of them")
-    job_dir = dashed or underscored
-    if not job_dir and environ.get("AIP_MODEL_DIR"):
-        job_dir = os.path.dirname(environ["AIP_MODEL_DIR"].rstrip("/"))
-    if not job_dir:
-        raise UserError(f"--job-dir is required ({what})")
-    return job_dir
+    if dashed or underscored:
+        return dashed or underscored
+    if environ.get("AIP_MODEL_DIR"):
+        return os.path.dirname(environ["AIP_MODEL_DIR"].rstrip("/"))
+    return None
 
 
 def import_tensorflow_quietly():

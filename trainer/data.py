@@ -1,58 +1,21 @@
-"""Input: find the images a path names, check them once, and feed tf.data.
+"""Input: check every record of a source once, and feed tf.data.
 
-A path is one of three sources (chosen by its form):
-  * a folder with one subfolder per class (class = subfolder, sorted by name);
-  * an image-list file ending in .txt or .lst, `path label` per line, paths
-    relative to the list's folder unless absolute or gs://;
-  * otherwise a glob of TFRecord files of tf.Example records.
-
-Before the first step scan() reads every record once: a label outside
+The sources (folder, image list, TFRecords) are found by sources.py. Before
+the first step scan() reads every record once: a label outside
 [0, num_classes) is an error naming file and record; an image that cannot be
 read or decoded is left out of training and evaluation and counted.
 """
 
 import dataclasses
-import os
 
 import numpy as np
 import tensorflow as tf
 
-from trainer import images
-from trainer import cli
+from trainer import cli, images
 from trainer.cli import UserError
+from trainer.sources import RecordFormat, class_names, open_source
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp")
-LIST_EXTENSIONS = (".txt", ".lst")
 AUTOTUNE = tf.data.AUTOTUNE
-
-
-@dataclasses.dataclass(frozen=True)
-class RecordFormat:
-    """How labels are read: TFRecord feature keys, the offset to subtract, one label or several."""
-
-    image_key: str = "image/encoded"
-    label_key: str = "image/class/label"
-    label_offset: int = 0
-    several_labels: bool = False  # the task's: a list of ids per image
-
-
-@dataclasses.dataclass(frozen=True)
-class Source:
-    flag: str  # the flag that named it, for error messages
-    kind: str  # "tfrecord" | "folder" | "list"
-    files: tuple  # TFRecord files, or one image path per record
-    labels: tuple = ()  # per record, a tuple of label ids, for "folder" and "list"; TFRecords hold their own
-    class_names: tuple = ()  # subfolder names for "folder"
-    lines: tuple = ()  # list-file line number per record, for error messages
-
-    def locate(self, key):
-        """Where record `key` lives, as a person would look for it."""
-        key = int(key)
-        if self.kind == "tfrecord":
-            return f"{self.files[key >> 32]} record {key & 0xFFFFFFFF}"
-        if self.kind == "list":
-            return f"{self.files[key]} (line {self.lines[key]} of --{self.flag})"
-        return self.files[key]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,66 +23,6 @@ class Scan:
     keys: np.ndarray  # usable records, in source order
     total: int  # records in the source, usable or not
     corrupt: tuple  # locations of records that could not be read or decoded
-
-
-def open_source(path, flag, fmt=RecordFormat()):
-    if tf.io.gfile.isdir(path):
-        return _folder_source(path, flag)
-    if path.lower().endswith(LIST_EXTENSIONS):
-        return _list_source(path, flag, fmt)
-    files = tuple(sorted(tf.io.gfile.glob(path)))
-    if not files:
-        raise UserError(f"--{flag}: no files match {path!r} (give a TFRecord glob, a folder per class, or a .txt image list)")
-    return Source(flag, "tfrecord", files)
-
-
-def _folder_source(path, flag):
-    classes = sorted(d.rstrip("/") for d in tf.io.gfile.listdir(path) if tf.io.gfile.isdir(os.path.join(path, d)))
-    if not classes:
-        raise UserError(f"--{flag}: folder {path} has no class subfolders (expected one subfolder of images per class)")
-    files, labels = [], []
-    for label, name in enumerate(classes):
-        for entry in sorted(tf.io.gfile.listdir(os.path.join(path, name))):
-            if entry.lower().endswith(IMAGE_EXTENSIONS):
-                files.append(os.path.join(path, name, entry))
-                labels.append((label,))
-    if not files:
-        raise UserError(f"--{flag}: no {'/'.join(IMAGE_EXTENSIONS)} files in the class subfolders of {path}")
-    return Source(flag, "folder", tuple(files), tuple(labels), tuple(classes))
-
-
-def _list_source(path, flag, fmt):
-    if not tf.io.gfile.exists(path):
-        raise UserError(f"--{flag}: image list {path} does not exist")
-    base = os.path.dirname(path)
-    files, labels, lines = [], [], []
-    with tf.io.gfile.GFile(path) as f:
-        for number, line in enumerate(f, start=1):
-            line = line.lstrip("\ufeff") if number == 1 else line  # a byte-order mark from Windows editors
-            if not line.strip() or line.lstrip().startswith("#"):
-                continue
-            parts = line.split()
-            ids = _parse_label_field(parts[1] if len(parts) == 2 else None, fmt.several_labels)
-            if len(parts) > 2 or ids is None:
-                expected = "'image_path id,id,...'" if fmt.several_labels else "'image_path integer_label'"
-                raise UserError(f"--{flag}: {path} line {number}: expected {expected}, got {line.strip()!r}")
-            image = parts[0] if parts[0].startswith(("/", "gs://")) else os.path.join(base, parts[0])
-            files.append(image)
-            labels.append(tuple(i - fmt.label_offset for i in ids))
-            lines.append(number)
-    if not files:
-        raise UserError(f"--{flag}: image list {path} has no 'path label' lines")
-    return Source(flag, "list", tuple(files), tuple(labels), lines=tuple(lines))
-
-
-def _parse_label_field(field, multi_label):
-    """'3' -> (3,); multi-label also '1,4,7' and no field at all (an image with no label)."""
-    if field is None:
-        return () if multi_label else None
-    items = field.split(",") if multi_label else [field]
-    if not all(item.strip().lstrip("-").isdigit() for item in items):
-        return None
-    return tuple(int(item) for item in items)
 
 
 def _tfrecord_records(source, shuffle_seed=None):
@@ -304,28 +207,6 @@ def eval_dataset(source, scan_result, fmt, target, batch_size, image_size, num_c
     if count * image_size * image_size * 3 < 512 << 20:
         ds = ds.cache()  # small enough to keep decoded in memory between evaluations
     return ds.batch(batch_size).prefetch(AUTOTUNE), count
-
-
-def class_names(train_source, eval_source, num_classes, label_map_path):
-    """Names in label order: the label map, else the training subfolders, else '0'..'N-1'."""
-    if train_source.kind == "folder" and eval_source.kind == "folder" and train_source.class_names != eval_source.class_names:
-        raise UserError("--validation_data_path: its class subfolders differ from those of --training_data_path")
-    if label_map_path:
-        if not tf.io.gfile.exists(label_map_path):
-            raise UserError(f"--label_map_path: {label_map_path} does not exist")
-        with tf.io.gfile.GFile(label_map_path) as f:
-            names = tuple(line.strip() for line in f if line.strip())
-        if len(names) != num_classes:
-            raise UserError(f"--label_map_path: {label_map_path} names {len(names)} classes but --num_classes={num_classes}")
-        if train_source.kind == "folder" and names != train_source.class_names:
-            raise UserError(f"--label_map_path: {label_map_path} does not list the class subfolders of --training_data_path "
-                            f"in their (sorted) label order: {', '.join(train_source.class_names)}")
-        return names
-    if train_source.kind == "folder":
-        if len(train_source.class_names) != num_classes:
-            raise UserError(f"--num_classes={num_classes} but --training_data_path has {len(train_source.class_names)} class subfolders")
-        return train_source.class_names
-    return tuple(str(i) for i in range(num_classes))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -47,7 +47,7 @@ def export_saved_model(weights_path, model_type, task, num_classes, image_size, 
 
     # Served on CPUs: float32 whatever precision trained it.
     keras.mixed_precision.set_dtype_policy("float32")
-    model = models.build_model(model_type, num_classes, image_size, one_pass_moments=False)
+    model = models.build_model(model_type, num_classes, image_size, one_pass_moments=False, head=TASKS[task].head)
     model.load_weights(weights_path)
     names = tf.constant(list(class_names))
     task_outputs = TASKS[task].export_outputs

@@ -35,6 +35,15 @@ def makedirs(path):
         os.makedirs(path, exist_ok=True)
 
 
+def open_file(path, mode="r"):
+    """A file object for a local path (the standard library) or a remote one (tf.io.gfile)."""
+    return gfile().GFile(path, mode) if is_remote(path) else open(path, mode)
+
+
+def listdir(path):
+    return gfile().listdir(path) if is_remote(path) else os.listdir(path)
+
+
 def remove(path):
     """Removes a file; already gone is fine."""
     try:
@@ -79,8 +88,7 @@ def write_json(path, value):
 
 
 def read_json(path):
-    opener = gfile().GFile if is_remote(path) else open
-    with opener(path) as f:
+    with open_file(path) as f:
         return json.load(f)
 
 

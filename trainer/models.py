@@ -15,6 +15,7 @@ import keras
 
 from trainer.backbones import BACKBONES
 from trainer.cli import UserError
+from trainer.tasks import dense_head
 
 IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
 IMAGENET_VARIANCE = ((0.229 * 255) ** 2, (0.224 * 255) ** 2, (0.225 * 255) ** 2)
@@ -56,9 +57,10 @@ def backbone_builder(model_type):
 
 
 def build_model(model_type, num_classes, image_size, weight_decay=0.0, seed=None, one_pass_moments=None,
-                imagenet=False):
+                imagenet=False, head=None):
     """uint8 [B, S, S, 3] -> float32 logits [B, num_classes].
 
+    head: the task's (tasks.py), (features, num_classes) -> logits; the classifier's dense layer when None.
     imagenet: start the backbone from Keras' ImageNet weights (efficientnet-*
     only; keras.applications downloads them once into ~/.keras).
     one_pass_moments: batch-norm statistics as E[x^2] - E[x]^2 (see
@@ -70,7 +72,7 @@ def build_model(model_type, num_classes, image_size, weight_decay=0.0, seed=None
     x = keras.layers.Rescaling(1.0, name="to_float")(inputs)  # uint8 -> compute dtype
     backbone = backbone_builder(model_type)
     x = (backbone((image_size, image_size, 3), weights="imagenet") if imagenet else backbone((image_size, image_size, 3)))(x)
-    logits = keras.layers.Dense(num_classes, dtype="float32", name="logits")(x)
+    logits = (head or dense_head)(x, num_classes)
     model = keras.Model(inputs, logits, name=model_type.replace("-", "_"))
     if weight_decay:
         add_weight_decay(model, weight_decay)

@@ -6,12 +6,8 @@ import json
 import os
 import time
 
-HYPERTUNE_FILE_DEFAULT = "/tmp/hypertune/output.metrics"
-
-
-def append_hypertune(metric_tag, value, step):
+def append_hypertune(path, metric_tag, value, step):
     """One line in cloudml-hypertune's format, for Vertex AI and hptuning.study."""
-    path = os.environ.get("CLOUD_ML_HP_METRIC_FILE", HYPERTUNE_FILE_DEFAULT)
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     line = {
         "timestamp": time.time(),

@@ -6,11 +6,13 @@
     JOB_DIR/config.json     the resolved flags
     JOB_DIR/metrics.json    every evaluation and the best
     JOB_DIR/labels.txt      class names in label order
+    the hypertune metrics file: $CLOUD_ML_HP_METRIC_FILE, else /tmp/hypertune/output.metrics
 
 Vertex AI's AIP_* variables win where set. Only the chief of several
-processes writes the job-dir; the others write the same files into a scratch
-folder of their own (saving weights is a collective step, so every process
-saves) and read the chief's checkpoints to resume.
+processes writes the job-dir; the others write their checkpoints and
+metrics.json into a scratch folder of their own (saving weights is a
+collective step, so every process saves), and read the chief's checkpoints
+to resume.
 """
 
 import dataclasses
@@ -31,9 +33,13 @@ class RunDir:
     own_checkpoints: str  # where this process writes its checkpoints
     logs: str
     is_chief: bool
+    hypertune_file: str  # one JSON line per evaluation, for Vertex AI's tuning service and hptuning.study
 
     def file(self, name):
         return os.path.join(self.root, name)
+
+
+HYPERTUNE_FILE_DEFAULT = "/tmp/hypertune/output.metrics"  # where cloudml-hypertune writes when no platform names one
 
 
 def open_run_dir(job_dir, is_chief, worker_index=0, environ=os.environ):
@@ -42,9 +48,11 @@ def open_run_dir(job_dir, is_chief, worker_index=0, environ=os.environ):
     if not is_chief:
         scratch = tempfile.mkdtemp(prefix=f"worker{worker_index}-")
         return RunDir(job_dir, scratch, os.path.join(scratch, "model"), checkpoints,
-                      os.path.join(scratch, "checkpoints"), os.path.join(scratch, "logs"), False)
+                      os.path.join(scratch, "checkpoints"), os.path.join(scratch, "logs"), False,
+                      os.path.join(scratch, "hypertune.metrics"))
     run_dir = RunDir(job_dir, job_dir, environ.get("AIP_MODEL_DIR") or os.path.join(job_dir, "model"), checkpoints,
-                     checkpoints, environ.get("AIP_TENSORBOARD_LOG_DIR") or os.path.join(job_dir, "logs"), True)
+                     checkpoints, environ.get("AIP_TENSORBOARD_LOG_DIR") or os.path.join(job_dir, "logs"), True,
+                     environ.get("CLOUD_ML_HP_METRIC_FILE", HYPERTUNE_FILE_DEFAULT))
     for folder, flag in ((job_dir, "--job-dir"), (checkpoints, "the checkpoints folder"), (run_dir.logs, "the logs folder")):
         _check_writable(folder, flag)
     return run_dir

@@ -15,6 +15,14 @@ from trainer.cli import JOB_DIR_FLAGS, Flag
 from trainer.tasks import TASKS
 
 GROUPS = ("data", "model", "optimisation", "evaluation", "outputs", "distribution")
+# What --help says under a group's name: where its settings come from besides flags.
+GROUP_NOTES = (
+    ("distribution", "No flags: data parallelism starts from the environment. Several local GPUs are used at "
+                     "once; several processes form one cluster when TF_CONFIG or Vertex AI's CLUSTER_SPEC names "
+                     "them (process 0 writes the job-dir). --train_batch_size is the global batch."),
+    ("outputs", "Vertex AI's AIP_MODEL_DIR, AIP_CHECKPOINT_DIR and AIP_TENSORBOARD_LOG_DIR replace model/, "
+                "checkpoints/ and logs/ when set; CLOUD_ML_HP_METRIC_FILE names the hypertune metrics file."),
+)
 OPTIMIZERS = ("momentum", "adam", "rmsprop")
 DECAY_TYPES = ("cosine", "stepwise")
 
@@ -31,8 +39,8 @@ TRAINER_FLAGS = (
           "--eval_frequency steps.", "data", required=True),
     _flag("num_classes", "integer", None, "Number of classes; labels must lie in [0, num_classes) after "
           "--label_offset.", "data", required=True, fingerprint=True),
-    _flag("task", "string", "classification", "classification: one label per image (softmax); multi_label: any "
-          "number (sigmoid).", "data", choices=tuple(TASKS), fingerprint=True),
+    _flag("task", "string", "classification", "; ".join(f"{t.name}: {t.description}" for t in TASKS.values()) + ".",
+          "data", choices=tuple(TASKS), fingerprint=True),
     _flag("image_key", "string", "image/encoded", "TFRecord feature holding the encoded image.", "data"),
     _flag("label_key", "string", "image/class/label", "TFRecord feature holding the integer label(s).", "data"),
     _flag("label_offset", "integer", 0, "Subtracted from every label (1 for Google's 1-based converters).", "data"),
@@ -44,15 +52,17 @@ TRAINER_FLAGS = (
     _flag("random_crop_min_area", "float", 0.08, "Smallest fraction of an image a random training crop keeps.",
           "data", tunable=True),
     # model
-    _flag("model_type", "string", "efficientnet-b0", "The backbone; nothing is downloaded.", "model",
+    _flag("model_type", "string", "efficientnet-b0", "The backbone, built offline (nothing is downloaded). Each "
+          "was designed for 224-pixel images except " + ", ".join(
+              f"{b.name} ({b.image_size})" for b in BACKBONES.values() if b.image_size != 224) + ".", "model",
           choices=tuple(BACKBONES), fingerprint=True, tunable=True),
     _flag("image_size", "integer", 224, "Side in pixels of the square image the network sees.", "model",
           fingerprint=True, tunable=True),
     _flag("pretrained_checkpoint_path", "string", "", "Weights (.weights.h5 or .keras, local or gs://) of the same "
           "model_type, the head skipped when num_classes differs; or 'imagenet' (efficientnet-*: Keras downloads "
-          "them).", "model"),
+          "them).", "model", tunable=True),
     _flag("precision", "string", "float32", "Compute precision.", "model",
-          choices=("float32", "mixed_bfloat16", "mixed_float16")),
+          choices=("float32", "mixed_bfloat16", "mixed_float16"), tunable=True),
     _flag("backend", "string", "tensorflow", "Keras backend; when not given, $KERAS_BACKEND if set.", "model",
           choices=("tensorflow", "jax")),
     # optimisation
@@ -62,7 +72,7 @@ TRAINER_FLAGS = (
     _flag("optimizer_type", "string", "momentum", "momentum is SGD with momentum 0.9 unless --optimizer_arguments "
           "says otherwise.", "optimisation", choices=OPTIMIZERS, fingerprint=True, tunable=True),
     _flag("optimizer_arguments", "pairs", "", "name=value pairs for the optimizer, e.g. "
-          "'momentum=0.9,nesterov=true'.", "optimisation", fingerprint=True),
+          "'momentum=0.9,nesterov=true'.", "optimisation", fingerprint=True, tunable=True),
     _flag("learning_rate_decay_type", "string", "cosine", "cosine: to 0 at --max_steps; stepwise: "
           "--stepwise_learning_rate_steps and _levels.", "optimisation", choices=DECAY_TYPES, tunable=True),
     _flag("initial_learning_rate", "float", 0.0001, "Learning rate after warmup (cosine starts its decay from it).",
@@ -78,7 +88,7 @@ TRAINER_FLAGS = (
           "kernels.", "optimisation", tunable=True),
     _flag("label_smoothing", "float", 0.0, "Label smoothing in [0, 1).", "optimisation", tunable=True),
     _flag("seed", "integer", 42, "Seed for initialisation, shuffling and augmentation.", "optimisation",
-          fingerprint=True),
+          fingerprint=True, tunable=True),
     # evaluation
     _flag("eval_frequency", "integer", 1000, "Steps between evaluations; one always runs at max_steps.",
           "evaluation"),

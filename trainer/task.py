@@ -26,6 +26,7 @@ PROGRAM = cli.Program(
     example="python -m trainer.task --training_data_path=gs://b/train-* --validation_data_path=gs://b/val-* "
             "--num_classes=5 --max_steps=2000 --model_type=resnet-50 --job-dir=runs/run1",
     groups=schema.GROUPS,
+    group_notes=schema.GROUP_NOTES,
     notes="The job-dir may also come from $AIP_MODEL_DIR (Vertex AI); the backend from $KERAS_BACKEND. "
           "Rerunning the same command resumes from the job-dir's last checkpoint.",
 )
@@ -40,19 +41,18 @@ def config_from_flags(values, environ=os.environ):
 
 
 def check_required(values, environ=os.environ):
-    """Every missing required flag, the job-dir included, in one error."""
+    """Every missing required flag, the job-dir included, in one error; returns the job-dir."""
     missing = cli.missing_flags(values, schema.TRAINER_FLAGS)
-    if not (values["job-dir"].value or values["job_dir"].value or environ.get("AIP_MODEL_DIR")):
-        missing.append("job-dir")
-    cli.require(missing)
+    job_dir = cli.given_job_dir(values, environ)
+    cli.require(missing + (["job-dir"] if job_dir is None else []))
+    return job_dir
 
 
 def main(argv=None):
     cli.parse_command_line(FLAGS, argv, help_of=(PROGRAM, schema.TRAINER_FLAGS))
     try:
-        check_required(FLAGS)
+        job_dir = check_required(FLAGS)
         config = config_from_flags(FLAGS)
-        job_dir = cli.job_dir_from_flags(FLAGS, "an output folder, local or gs://")
     except cli.UserError as e:
         cli.fail(str(e))
     # Keras reads the backend once, at import: set it before anything imports Keras.
@@ -62,7 +62,7 @@ def main(argv=None):
 
     # TensorFlow's autograph leaves generated files in the temporary folder until exit hooks
     # run, which the os._exit below skips: give the run a temporary folder of its own.
-    tempfile.tempdir = tempfile.mkdtemp(prefix="trainer-")
+    outer, tempfile.tempdir = tempfile.tempdir, tempfile.mkdtemp(prefix="trainer-")
     try:
         train.run(config, job_dir)
     except cli.UserError as e:
@@ -71,7 +71,7 @@ def main(argv=None):
         cli.fail("interrupted; the last checkpoint in checkpoints/ is intact and the run resumes from it")
     finally:
         shutil.rmtree(tempfile.tempdir, ignore_errors=True)
-        tempfile.tempdir = None
+        tempfile.tempdir = outer
 
 
 if __name__ == "__main__":

@@ -1,10 +1,11 @@
 """What a task is: one Task per --task, and the only place that tells them apart.
 
 A Task says how labels are read (one id or several per image), how they
-become targets, the loss, how logits become probabilities, how an
-evaluation is scored, which metrics it reports for tuning (the first picks
-the best evaluation unless --hyperparameter_metric_tag names another), and
-what the exported SavedModel returns. Classification and multi-label are two
+become targets, the head on the backbone's features, the loss, how logits
+become probabilities, how an evaluation is scored (and what it keeps for the
+export, such as thresholds), which metrics it reports for tuning (the first
+picks the best evaluation unless --hyperparameter_metric_tag names another),
+and what the exported SavedModel returns. Classification and multi-label are two
 instances of one dataclass; a new task is a new instance here, and nothing
 else in the trainer asks which task it runs. TensorFlow, Keras and NumPy are
 imported inside the functions, so the flag table can list the tasks without them.
@@ -17,11 +18,14 @@ from typing import Callable
 @dataclasses.dataclass(frozen=True)
 class Task:
     name: str
+    description: str  # for --help
     metrics: tuple  # evaluation metrics it can tune on, higher is better; the first is the default
     several_labels: bool  # labels are lists of ids (TFRecord VarLen feature, 'path 1,4,7' lines)
     target: Callable  # (label ids tensor, num_classes) -> float target vector
+    head: Callable  # (pooled features, num_classes) -> float32 logits, a Keras layer named "logits"
     loss: Callable  # (label_smoothing) -> Keras loss on logits
-    evaluate: Callable  # (logits [N, C] float64, targets [N, C], settings) -> {metric: value, ...}
+    probabilities: Callable  # logits tensor (float32 or float64) -> probabilities tensor
+    evaluate: Callable  # (logits [N, C] float64 NumPy, targets [N, C], settings) -> {metric: value, ...}
     export_outputs: Callable  # (logits tensor, class names tensor, evaluation) -> {output: tensor}
 
     def metrics_for(self, num_classes):
@@ -33,6 +37,13 @@ class Task:
 class EvaluationSettings:
     threshold: str = "0.5"  # multi-label: a probability, or "auto" (per-class F1-best)
     class_names: tuple = None  # set: report per-class figures too
+
+
+def dense_head(features, num_classes):
+    """The classifier head: one dense layer to a logit per class (float32 under mixed precision)."""
+    import keras
+
+    return keras.layers.Dense(num_classes, dtype="float32", name="logits")(features)
 
 
 # Classification: one label per image, softmax.
@@ -50,23 +61,22 @@ def _categorical_loss(label_smoothing):
 
 
 def _softmax(logits):
-    import numpy as np
+    import tensorflow as tf
 
-    exp = np.exp(logits - logits.max(axis=1, keepdims=True))
-    return exp / exp.sum(axis=1, keepdims=True)
+    return tf.nn.softmax(logits, axis=-1)
 
 
 def _evaluate_classification(logits, targets, settings):
     from trainer import metrics
 
-    return metrics.classification(_softmax(logits), targets.argmax(axis=1))
+    return metrics.classification(_softmax(logits).numpy(), targets.argmax(axis=1))
 
 
 def _classification_outputs(logits, names, evaluation):
     """probabilities [B, C] and the top k = min(5, C) classes, scores and class_names."""
     import tensorflow as tf
 
-    probabilities = tf.nn.softmax(logits, axis=-1)
+    probabilities = _softmax(logits)
     top = tf.math.top_k(probabilities, k=min(5, int(logits.shape[-1])))
     return {
         "probabilities": probabilities,
@@ -90,13 +100,19 @@ def _binary_loss(label_smoothing):
     return keras.losses.BinaryCrossentropy(from_logits=True, label_smoothing=label_smoothing)
 
 
+def _sigmoid(logits):
+    import tensorflow as tf
+
+    return tf.sigmoid(logits)
+
+
 def _evaluate_multi_label(logits, targets, settings):
     """Metrics at the thresholds, which the result carries (the best evaluation's go into the export)."""
     import numpy as np
 
     from trainer import metrics
 
-    probabilities = 1 / (1 + np.exp(-logits))
+    probabilities = _sigmoid(logits).numpy()
     if settings.threshold == "auto":
         thresholds = metrics.best_f1_thresholds(probabilities, targets)
     else:
@@ -110,7 +126,9 @@ def _multi_label_outputs(logits, names, evaluation):
     classes / scores / class_names [B, C], most probable first, padded with -1 / 0 / ""."""
     import tensorflow as tf
 
-    probabilities = tf.sigmoid(logits)
+    if "thresholds" not in evaluation:
+        raise ValueError("a multi-label export needs the thresholds of the evaluation it exports")
+    probabilities = _sigmoid(logits)
     predictions = probabilities >= tf.constant(evaluation["thresholds"], tf.float32)
     order = tf.argsort(probabilities + tf.cast(predictions, tf.float32) * 2.0, axis=-1, direction="DESCENDING")
     chosen = tf.gather(predictions, order, batch_dims=1)
@@ -124,15 +142,17 @@ def _multi_label_outputs(logits, names, evaluation):
 
 
 CLASSIFICATION = Task(
-    name="classification", metrics=("top_1_accuracy", "top_5_accuracy"), several_labels=False,
-    target=_one_hot, loss=_categorical_loss, evaluate=_evaluate_classification,
+    name="classification", description="one label per image (softmax)",
+    metrics=("top_1_accuracy", "top_5_accuracy"), several_labels=False, target=_one_hot, head=dense_head,
+    loss=_categorical_loss, probabilities=_softmax, evaluate=_evaluate_classification,
     export_outputs=_classification_outputs,
 )
 MULTI_LABEL = Task(
-    name="multi_label", metrics=("mAP", "macro_f1", "micro_f1", "macro_precision", "macro_recall", "micro_precision",
-                                 "micro_recall", "exact_match"),
-    several_labels=True, target=_multi_hot, loss=_binary_loss, evaluate=_evaluate_multi_label,
-    export_outputs=_multi_label_outputs,
+    name="multi_label", description="any number of labels per image (a sigmoid per class)",
+    metrics=("mAP", "macro_f1", "micro_f1", "macro_precision", "macro_recall", "micro_precision", "micro_recall",
+             "exact_match"),
+    several_labels=True, target=_multi_hot, head=dense_head, loss=_binary_loss, probabilities=_sigmoid,
+    evaluate=_evaluate_multi_label, export_outputs=_multi_label_outputs,
 )
 TASKS = {task.name: task for task in (CLASSIFICATION, MULTI_LABEL)}
 

@@ -51,7 +51,7 @@ def run(c, job_dir):
         with scope:
             imagenet = c.pretrained_checkpoint_path == "imagenet"
             model = models.build_model(c.model_type, c.num_classes, c.image_size, c.weight_decay, seed=c.seed,
-                                       imagenet=imagenet)
+                                       imagenet=imagenet, head=task.head)
             if c.pretrained_checkpoint_path and not imagenet:
                 models.load_pretrained(model, c.pretrained_checkpoint_path, c.model_type, c.image_size)
             optimizer = models.make_optimizer(c.optimizer_type, schedules.from_config(c), c.optimizer_arguments)
@@ -64,9 +64,10 @@ def run(c, job_dir):
 
         settings = EvaluationSettings(c.multi_label_threshold, inputs.class_names if c.eval_each_category else None)
         reporter = Reporter(
-            out, store, lambda model: evaluate_model(model, inputs.evaluation, c.eval_batch_size, task, settings),
-            c.metric, state, {"task": c.task, **inputs.summary}, start_step, c.max_steps, c.train_batch_size,
-            c.log_frequency,
+            out, store, state, evaluate=lambda model: evaluate_model(model, inputs.evaluation, c.eval_batch_size,
+                                                                     task, settings),
+            metric=c.metric, summary={"task": c.task, **inputs.summary}, start_step=start_step,
+            max_steps=c.max_steps, batch_size=c.train_batch_size, log_frequency=c.log_frequency,
         )
         if start_step < c.max_steps:
             model.fit(
@@ -119,7 +120,9 @@ class Reporter(keras.callbacks.Callback):
     is not the chief writes into its scratch folder and reports nothing.
     """
 
-    def __init__(self, out, store, evaluate, metric, state, summary, start_step, max_steps, batch_size, log_frequency):
+    def __init__(self, out, store, state, *, evaluate, metric, summary, start_step, max_steps, batch_size,
+                 log_frequency):
+        """out: the RunDir; store: the Checkpoints; state: the resumed state ({} on a fresh run)."""
         super().__init__()
         self.out, self.store, self.evaluate, self.metric = out, store, evaluate, metric
         self.step, self.max_steps, self.batch_size, self.log_frequency = start_step, max_steps, batch_size, log_frequency
@@ -164,7 +167,7 @@ class Reporter(keras.callbacks.Callback):
         self._write_metrics()
         if not self.out.is_chief:
             return
-        report.append_hypertune(self.metric, result[self.metric], step)
+        report.append_hypertune(self.out.hypertune_file, self.metric, result[self.metric], step)
         scalars = {k: v for k, v in result.items() if isinstance(v, float)}
         for name, figures in result.get("per_category", {}).items():
             scalars.update({f"per_category/{name}/{k}": v for k, v in figures.items() if v is not None})

@@ -48,7 +48,7 @@ def scan_output(path, locations, output_format):
     if not files.exists(path):
         return 0, 0
     done, failures, good_bytes = 0, 0, 0
-    with files.gfile().GFile(path, "rb") as f:
+    with files.open_file(path, "rb") as f:
         for raw in f:
             if not raw.endswith(b"\n"):  # killed mid-write: that image is predicted again
                 _truncate(path, good_bytes)
@@ -68,7 +68,7 @@ def _truncate(path, size):
         os.truncate(path, size)
         return
     # Object stores cannot truncate: write the good prefix beside it and rename it over.
-    with files.gfile().GFile(path, "rb") as f, files.atomic_writer(path, "wb") as out:
+    with files.open_file(path, "rb") as f, files.atomic_writer(path, "wb") as out:
         while size > 0:
             chunk = f.read(min(size, 1 << 24))
             out.write(chunk)
@@ -88,6 +88,6 @@ def merge_parts(all_locations, output_path, output_format, num_workers):
         failures += failed
     with files.atomic_writer(output_path, "wb") as out:
         for path in parts:
-            with files.gfile().GFile(path, "rb") as f:
+            with files.open_file(path, "rb") as f:
                 shutil.copyfileobj(f, out, 1 << 24)
     return failures

@@ -60,7 +60,7 @@ cli.define(FLAGS_TABLE, FLAGS)
 def read_locations(input_path):
     if not files.exists(input_path):
         raise UserError(f"--input_path={input_path} does not exist")
-    with files.gfile().GFile(input_path) as f:
+    with files.open_file(input_path) as f:
         return [line.strip() for line in f if line.strip()]
 
 
@@ -172,8 +172,9 @@ def merge(input_path, output_path, output_format, num_workers, overwrite):
     cli.say(f"{len(all_locations)} images, {failures} failed: merged {num_workers} parts into {output_path}")
 
 
-def run_worker(model_dir, input_path, output_path, output_format, num_workers, index, overwrite, batch_size,
-               read_threads, url_timeout_s):
+def run_worker(model_dir, input_path, output_path, *, output_format="text", num_workers=1, index=0, overwrite=False,
+               batch_size=64, read_threads=16, url_timeout_s=30.0):
+    """Predicts worker `index`'s share of the list into its part file (the whole output for one worker)."""
     all_locations = read_locations(input_path)
     start, stop = output_file.shard_bounds(len(all_locations), num_workers, index)
     locations = all_locations[start:stop]
@@ -188,7 +189,7 @@ def run_worker(model_dir, input_path, output_path, output_format, num_workers, i
         files.makedirs(os.path.dirname(path))
     list_dir = os.path.dirname(input_path)
     todo = locations[done:]
-    with files.gfile().GFile(path, "a") as out:
+    with files.open_file(path, "a") as out:
         failures += predict_into(out, model, todo, [resolve(loc, list_dir) for loc in todo], output_format,
                                  batch_size, read_threads, url_timeout_s)
     resumed = f" (resumed after {done})" if done else ""
@@ -222,10 +223,8 @@ def workers(num_workers, worker_index, merging, environ):
 def _check(values):
     """Raises UserError for the first bad value, every missing required flag named together."""
     missing = cli.missing_flags(values, FLAGS_TABLE)
-    missing += [f.name for f in FLAGS_TABLE if f.required and values[f.name].value == ""]  # --flag= counts as missing
     cli.require([name for name in missing if not (name == "model_dir" and values["merge"].value)])
-    if values["output_format"].value not in ("text", "jsonl"):
-        raise UserError(f"--output_format={values['output_format'].value} is not one of: text, jsonl")
+    cli.check_choices(values, FLAGS_TABLE)
     for name in ("batch_size", "read_threads"):
         if values[name].value < 1:
             raise UserError(f"--{name}={values[name].value} must be at least 1")
@@ -234,7 +233,6 @@ def _check(values):
 
 
 def main(argv=None):
-    FLAGS.unparse_flags()  # main() may run more than once in a process (tests): start from the defaults
     cli.parse_command_line(FLAGS, argv, help_of=(PROGRAM, FLAGS_TABLE))
     v = FLAGS
     try:
@@ -244,8 +242,9 @@ def main(argv=None):
         if v.merge:
             merge(v.input_path, v.output_path, v.output_format, num_workers, v.overwrite)
         else:
-            run_worker(v.model_dir, v.input_path, v.output_path, v.output_format, num_workers, index, v.overwrite,
-                       v.batch_size, v.read_threads, v.url_timeout_s)
+            run_worker(v.model_dir, v.input_path, v.output_path, output_format=v.output_format, num_workers=num_workers,
+                       index=index, overwrite=v.overwrite, batch_size=v.batch_size, read_threads=v.read_threads,
+                       url_timeout_s=v.url_timeout_s)
     except UserError as e:
         cli.fail(str(e))
     except KeyboardInterrupt:

@@ -248,9 +248,8 @@ def make_server(model, host, port, model_name, max_body_bytes, max_batch_size, b
 
 def _check(values):
     """Raises UserError for the first bad value, every missing required flag named together."""
-    missing = cli.missing_flags(values, FLAGS_TABLE)
-    missing += [f.name for f in FLAGS_TABLE if f.required and values[f.name].value == ""]  # --flag= counts as missing
-    cli.require(missing, "the model/ folder of a job-dir; see --help")
+    cli.require(cli.missing_flags(values, FLAGS_TABLE), "the model/ folder of a job-dir; see --help")
+    cli.check_choices(values, FLAGS_TABLE)
     if not 0 <= values.port <= 65535:
         raise UserError(f"--port={values.port} must lie in [0, 65535]")
     for name in ("max_body_bytes", "max_batch_size"):
@@ -279,7 +278,6 @@ def _start(values, environ):
 
 
 def main(argv=None):
-    FLAGS.unparse_flags()  # main() may run more than once in a process (tests): start from the defaults
     cli.parse_command_line(FLAGS, argv, help_of=(PROGRAM, FLAGS_TABLE))
     try:
         model, server = _start(FLAGS, os.environ)
