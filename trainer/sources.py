@@ -99,11 +99,11 @@ def _list_source(path, flag, fmt):
     return Source(flag, "list", tuple(files), tuple(labels), lines=tuple(lines))
 
 
-def _parse_label_field(field, multi_label):
+def _parse_label_field(field, several_labels):
     """'3' -> (3,); multi-label also '1,4,7' and no field at all (an image with no label)."""
     if field is None:
-        return () if multi_label else None
-    items = field.split(",") if multi_label else [field]
+        return () if several_labels else None
+    items = field.split(",") if several_labels else [field]
     if not all(item.strip().lstrip("-").isdigit() for item in items):
         return None
     return tuple(int(item) for item in items)
