@@ -29,6 +29,11 @@ setup(
     ],
     extras_require={
         "jax": ["jax[cpu]>=0.6"],
-        "test": ["pytest>=8", "pytest-xdist>=3", "pillow>=10", "jax[cpu]>=0.6", "ruff==0.17.6"],
+        "test": [
+            "pytest>=8", "pytest-xdist>=3", "pillow>=10", "jax[cpu]>=0.6", "ruff==0.17.6",
+            # The real clients whose output the study driver must take: Vertex AI's SDK
+            # (study specs built with its own types) and Google's hypertune reporter.
+            "google-cloud-aiplatform==2.7.0", "cloudml-hypertune==0.1.0.dev6",
+        ],
     },
 )

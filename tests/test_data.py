@@ -48,3 +48,25 @@ def test_nothing_decodable_is_an_error_even_when_corruption_is_allowed(tmp_path)
     source = sources.open_source(str(listing), "validation_data_path")
     with pytest.raises(data.UserError, match="--validation_data_path: none of its 1 images"):
         data.scan(source, 2, sources.RecordFormat(), 1.0)
+
+
+def test_a_scan_is_kept_and_reused_for_the_same_data_only(tmp_path, monkeypatch):
+    folder = write_folder(tmp_path / "train", per_class=3, num_classes=2)
+    (tmp_path / "train" / "class_0" / "broken.png").write_bytes(b"\x89PNG broken")
+    source = sources.open_source(folder, "training_data_path")
+    cache = str(tmp_path / "cache")
+    first = data.scan_cached(source, 2, sources.RecordFormat(), 0.5, cache)
+    assert first.total == 7 and len(first.keys) == 6 and first.corrupt[0].endswith("broken.png")
+    assert len(list((tmp_path / "cache").iterdir())) == 1
+
+    def no_scan(*args):
+        raise AssertionError("scanned again")
+
+    monkeypatch.setattr(data, "scan", no_scan)
+    again = data.scan_cached(source, 2, sources.RecordFormat(), 0.5, cache)
+    np.testing.assert_array_equal(again.keys, first.keys)
+    assert (again.total, again.corrupt) == (first.total, first.corrupt)
+    with pytest.raises(data.UserError, match="1 of 7 images cannot be read"):  # this run's own limit still holds
+        data.scan_cached(source, 2, sources.RecordFormat(), 0.0, cache)
+    with pytest.raises(AssertionError, match="scanned again"):  # other settings, another key
+        data.scan_cached(source, 3, sources.RecordFormat(), 0.5, cache)

@@ -7,11 +7,15 @@ read or decoded is left out of training and evaluation and counted.
 """
 
 import dataclasses
+import hashlib
+import io
+import json
+import os
 
 import numpy as np
 import tensorflow as tf
 
-from trainer import cli, images
+from trainer import cli, files, images
 from trainer.cli import UserError
 from trainer.sources import RecordFormat, class_names, open_source
 
@@ -94,15 +98,54 @@ def scan(source, num_classes, fmt, max_corrupt_fraction):
         )
     decodable = _decodable_keys(source, fmt)
     usable = np.isin(all_keys, decodable)
-    corrupt = tuple(source.locate(k) for k in all_keys[~usable])
-    if len(corrupt) > max_corrupt_fraction * len(all_keys):
+    result = Scan(all_keys[usable], len(all_keys), tuple(source.locate(k) for k in all_keys[~usable]))
+    _check_usable(source, result, max_corrupt_fraction)
+    return result
+
+
+def _check_usable(source, result, max_corrupt_fraction):
+    corrupt, total = result.corrupt, result.total
+    if len(corrupt) > max_corrupt_fraction * total:
         raise UserError(
-            f"--{source.flag}: {len(corrupt)} of {len(all_keys)} images cannot be read or decoded (first: {corrupt[0]}); "
+            f"--{source.flag}: {len(corrupt)} of {total} images cannot be read or decoded (first: {corrupt[0]}); "
             f"fix or remove them, or raise --max_corrupt_fraction"
         )
-    if not usable.any():
-        raise UserError(f"--{source.flag}: none of its {len(all_keys)} images can be read or decoded (first: {corrupt[0]})")
-    return Scan(all_keys[usable], len(all_keys), corrupt)
+    if not len(result.keys):
+        raise UserError(f"--{source.flag}: none of its {total} images can be read or decoded (first: {corrupt[0]})")
+
+
+def scan_cached(source, num_classes, fmt, max_corrupt_fraction, cache_dir):
+    """scan(), or its result from an earlier run on the same data, kept in cache_dir ("" = no cache).
+
+    The key is what the scan reads: the source's files (names, and for
+    TFRecords sizes and modification times), its labels, the label settings
+    and num_classes. An image replaced under the same name in a folder or list
+    is not noticed: remove the cache folder after editing images in place.
+    """
+    if not cache_dir:
+        return scan(source, num_classes, fmt, max_corrupt_fraction)
+    path = os.path.join(cache_dir, f"scan-{_fingerprint(source, fmt, num_classes)}.npz")
+    if files.exists(path):
+        with files.open_file(path, "rb") as f:
+            saved = np.load(io.BytesIO(f.read()), allow_pickle=False)
+            result = Scan(saved["keys"], int(saved["total"]), tuple(str(c) for c in saved["corrupt"]))
+        _check_usable(source, result, max_corrupt_fraction)  # this run's --max_corrupt_fraction
+        cli.say(f"--{source.flag}: the scan of an earlier run on the same data, from {path}")
+        return result
+    result = scan(source, num_classes, fmt, max_corrupt_fraction)
+    buffer = io.BytesIO()
+    np.savez(buffer, keys=result.keys, total=result.total, corrupt=np.array(result.corrupt, dtype=str))
+    files.makedirs(cache_dir)
+    files.write_atomic(path, buffer.getvalue())
+    return result
+
+
+def _fingerprint(source, fmt, num_classes):
+    content = [source.kind, source.files, source.labels, dataclasses.astuple(fmt), num_classes]
+    if source.kind == "tfrecord":
+        stats = [tf.io.gfile.stat(name) for name in source.files]
+        content.append([(s.length, s.mtime_nsec) for s in stats])
+    return hashlib.sha256(json.dumps(content).encode()).hexdigest()[:20]
 
 
 def _read_label_ranges(source, fmt):
@@ -218,8 +261,8 @@ class Inputs:
 
 
 def prepare_inputs(training_path, validation_path, num_classes, task, *, image_key, label_key, label_offset,
-                   label_map_path, max_corrupt_fraction, image_size, train_batch_size, eval_batch_size,
-                   num_eval_images, seed, random_crop_min_area, random_flip, start_step):
+                   label_map_path, max_corrupt_fraction, scan_cache_dir, image_size, train_batch_size,
+                   eval_batch_size, num_eval_images, seed, random_crop_min_area, random_flip, start_step):
     """Opens and scans both sources (every bad label or unreadable image is found here, before any step),
     and returns the two datasets with the class names."""
     fmt = RecordFormat(image_key, label_key, label_offset, task.several_labels)
@@ -227,8 +270,8 @@ def prepare_inputs(training_path, validation_path, num_classes, task, *, image_k
     eval_source = open_source(validation_path, "validation_data_path", fmt)
     names = class_names(train_source, eval_source, num_classes, label_map_path)
     cli.say(f"scanning {training_path} and {validation_path} ...")
-    train_scan = scan(train_source, num_classes, fmt, max_corrupt_fraction)
-    eval_scan = scan(eval_source, num_classes, fmt, max_corrupt_fraction)
+    train_scan = scan_cached(train_source, num_classes, fmt, max_corrupt_fraction, scan_cache_dir)
+    eval_scan = scan_cached(eval_source, num_classes, fmt, max_corrupt_fraction, scan_cache_dir)
     cli.say(f"{len(train_scan.keys)} training images, {len(eval_scan.keys)} validation images, "
             f"{len(train_scan.corrupt) + len(eval_scan.corrupt)} unreadable skipped")
     training = training_dataset(train_source, train_scan, fmt, task.target, train_batch_size, image_size, num_classes,
