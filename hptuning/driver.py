@@ -3,7 +3,9 @@
 Opens (or resumes) the Optuna study in its storage, fails and requeues the
 trials a killed or stopped driver left running, and runs trials until the
 study has max_trial_count finished ones, counted over every worker sharing
-the storage; then writes the study's outputs. Optuna is imported here, not in
+the storage (a failed trial is made up by another), or too many failed, or a
+trainer met a user error every trial would repeat; then writes the study's
+outputs. Optuna is imported here, not in
 study.py, so a mistake in the flags is reported before it loads.
 """
 
@@ -20,7 +22,7 @@ from optuna.trial import TrialState
 from hptuning import algorithms, outputs, runner
 from hptuning import params as params_lib
 from hptuning import storage as storage_lib
-from trainer.cli import say
+from trainer.cli import UserError, say
 
 
 def _finished(study):
@@ -28,10 +30,10 @@ def _finished(study):
 
 
 class Progress:
-    """Prints each finished trial and stops the study at its trial or failure limits."""
+    """Prints each finished trial and stops the study at its trial or failure limits, or at a user error."""
 
     def __init__(self, spec):
-        self.spec, self.failure = spec, None
+        self.spec, self.failure, self.user_error = spec, None, None
 
     def __call__(self, study, trial):
         metric = self.spec.metric
@@ -45,11 +47,19 @@ class Progress:
             say(f"trial {trial.number} failed: {trial.user_attrs.get('failure') or 'see its trainer.log'}")
             if trial.user_attrs.get("killed_by_signal"):
                 storage_lib.retry_callback()(study, trial)
+            error = trial.user_attrs.get(runner.USER_ERROR)
+            if error and self.user_error is None:
+                self.user_error = (f"{error.removeprefix('error:').strip()} (trial {trial.number}'s trainer; every "
+                                   f"trial would repeat it, so the study stopped: fix it and run the same command "
+                                   f"again)")
         if self.over_limits(study):
             study.stop()
 
     def over_limits(self, study):
-        """True once the study has its finished trials, or too many failed ones (then self.failure says so)."""
+        """True once the study has its finished trials, or too many failed ones (then self.failure says so),
+        or a trial here met a user error."""
+        if self.user_error:
+            return True
         trials = study.get_trials(deepcopy=False)
         failed = outputs.unretried_failures(trials)
         if len(failed) >= self.spec.max_failed_trial_count:
@@ -77,7 +87,11 @@ def _sampler_seed(settings, study, lone):
 
 
 def run_study(spec, job_dir, storage_url, study_name, heartbeat_interval=60, poll_seconds=1.0, callbacks=()):
-    """Runs (or resumes) the study; returns the exit status."""
+    """Runs (or resumes) the study; returns None, or why it failed (max_failed_trial_count, no trial complete).
+
+    Raises UserError with the trainer's own `error:` line when a trial met a
+    mistake every trial would repeat (a data path that does not exist).
+    """
     sampler = algorithms.make_sampler(spec.sampler, spec.parameters)
     pruner = algorithms.make_pruner(spec.early_stopping)
     os.makedirs(job_dir, exist_ok=True)
@@ -88,8 +102,8 @@ def run_study(spec, job_dir, storage_url, study_name, heartbeat_interval=60, pol
     for number in storage_lib.fail_dead_local_trials(study, storage):
         say(f"trial {number}: its driver process was killed; it runs again as a new trial")
     optuna.storages.fail_stale_trials(study)  # workers on other hosts that stopped beating; retried
-    for number in storage_lib.requeue_interrupted(study):
-        say(f"trial {number} was interrupted; it runs again as a new trial")
+    for number, why in storage_lib.requeue_stopped(study):
+        say(f"trial {number} {why}; it runs again as a new trial")
     if "seed" in spec.sampler:
         study.sampler = algorithms.make_sampler(_sampler_seed(spec.sampler, study, lone=lock is not None),
                                                 spec.parameters)
@@ -108,22 +122,38 @@ def run_study(spec, job_dir, storage_url, study_name, heartbeat_interval=60, pol
 
     ran = False
     try:
-        # Failed trials do not count towards max_trial_count, so one optimize() may not be enough.
+        # Failed trials do not count towards max_trial_count: optimize() again until the finished ones do.
         while not progress.over_limits(study):
             running = len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))  # on other workers
             remaining = spec.max_trial_count - _finished(study) - running
-            ran, before = True, len(study.get_trials(deepcopy=False))
+            ran, failed = True, _failed(study)
             study.optimize(objective, n_trials=remaining, n_jobs=min(spec.parallel_trial_count, remaining),
                            catch=(runner.TrialFailed,), callbacks=[progress, *callbacks])
-            if not any(t.state == TrialState.FAIL for t in study.get_trials(deepcopy=False)[before:]):
-                break  # done, or stopped by a callback; only failed trials leave trials to make up
+            if _failed(study) == failed:
+                break  # done, or stopped by a callback; only failed trials (here or elsewhere) leave some to make up
         if not ran and progress.failure is None:
             running = len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
             say(f"study {study_name!r} already has {_finished(study)} finished trials"
                 f"{f' and {running} running on other workers' if running else ''}; nothing to run here")
     finally:  # interrupted too: the outputs show what finished
         say(outputs.write_all(study, spec, job_dir, shown))
-    return progress.failure
+    if progress.user_error:
+        raise UserError(progress.user_error)
+    return progress.failure or _nothing_complete(study, job_dir)
+
+
+def _failed(study):
+    # A count, not the trials after a position: the defaults' trial is queued before optimize() starts.
+    return len(study.get_trials(deepcopy=False, states=(TrialState.FAIL,)))
+
+
+def _nothing_complete(study, job_dir):
+    """A study that ends here with no complete trial (and none running elsewhere) has no answer: a failure."""
+    trials = study.get_trials(deepcopy=False)
+    if outputs.count(trials, TrialState.COMPLETE, TrialState.RUNNING):
+        return None
+    return (f"the study has no complete trial ({outputs.count(trials, TrialState.PRUNED)} pruned, "
+            f"{outputs.count(trials, TrialState.FAIL)} failed); see {job_dir}/trial-*/trainer.log")
 
 
 def quiet_optuna():

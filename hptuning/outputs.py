@@ -13,6 +13,7 @@ import warnings
 from optuna.trial import TrialState
 
 from hptuning import params as params_lib
+from hptuning.runner import USER_ERROR
 from trainer.files import write_atomic, write_json
 
 PLOTS = ("optimization_history", "param_importances", "intermediate_values")
@@ -35,10 +36,13 @@ def retried_numbers(trials):
 
 
 def unretried_failures(trials):
-    """Failed trials that count against max_failed_trial_count (an interrupted one runs again instead)."""
+    """Failed trials that count against max_failed_trial_count.
+
+    An interrupted trial, and one that stopped the study with a user error, run again instead.
+    """
     retried = retried_numbers(trials)
-    return [t for t in trials
-            if t.state == TrialState.FAIL and t.number not in retried and not t.user_attrs.get("interrupted")]
+    return [t for t in trials if t.state == TrialState.FAIL and t.number not in retried
+            and not t.user_attrs.get("interrupted") and not t.user_attrs.get(USER_ERROR)]
 
 
 def write_csv(path, trials, spec):
@@ -148,5 +152,7 @@ def write_all(study, spec, job_dir, storage_shown):
     trials = study.get_trials(deepcopy=False)
     write_csv(os.path.join(job_dir, "trials.csv"), trials, spec)
     best = write_best(os.path.join(job_dir, "best.json"), study, trials, spec, storage_shown)
-    notes = write_plots(os.path.join(job_dir, "plots"), study) if trials else []
+    # Optuna's plots of a study with nothing complete are empty, and it warns about each.
+    complete = count(trials, TrialState.COMPLETE)
+    notes = write_plots(os.path.join(job_dir, "plots"), study) if complete else []
     return summary(study, trials, spec, best, job_dir, storage_shown, notes)

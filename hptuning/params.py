@@ -60,6 +60,10 @@ def _number(value, where, kind):
     return number
 
 
+def _whole(number):
+    return int(number) if float(number).is_integer() else number
+
+
 def make_param(name, kind, where, keys, low=None, high=None, scale="linear", values=None, default=None, children=()):
     """Checks one parameter; `keys` names, per field, the key the user wrote."""
     if kind in ("double", "integer"):
@@ -78,9 +82,10 @@ def make_param(name, kind, where, keys, low=None, high=None, scale="linear", val
         return Param(name, kind, low, high, scale == "log", (), default, children)
     if not isinstance(values, list) or not values:
         raise UserError(f"{where}: a {kind} parameter needs a non-empty list {keys['values']}")
-    if kind == "discrete":
-        values = [_number(v, f"{where}.{keys['values']}", "double") for v in values]
-        values = [int(v) if float(v).is_integer() else v for v in values]
+    if kind == "discrete":  # Vertex writes discrete values as doubles: 32.0 is the integer 32
+        values = [_whole(_number(v, f"{where}.{keys['values']}", "double")) for v in values]
+        if default is not None:
+            default = _whole(_number(default, f"{where}.{keys['default']}", "double"))
     if len(set(values)) != len(values):
         raise UserError(f"{where}.{keys['values']}: {values} lists a value twice")
     if default is not None and default not in values:
@@ -104,7 +109,7 @@ def _check_parents(kind, low, high, values, children, where):
         else:
             parent_values = tuple(_number(v, f"{where} (a parent value)", "double" if kind == "discrete" else kind)
                                   for v in parent_values)
-            parent_values = tuple(int(v) if float(v).is_integer() else v for v in parent_values)
+            parent_values = tuple(_whole(v) for v in parent_values)
         for value in parent_values:
             possible = low <= value <= high if kind == "integer" else value in values
             if not possible:
@@ -208,14 +213,17 @@ def walk(params):
             yield from walk(children)
 
 
-def check_against_flags(params, flag_types, reserved, tunable=None):
+def check_against_flags(params, reserved, flag_types=None, tunable=None):
     """Each parameter must be a trainer flag of a compatible type (before any trial runs).
 
-    tunable: the flags a parameter may set; None allows any flag (a custom trainer_command).
+    flag_types: {flag: absl type} of the built-in trainer; None for another trainer_command, whose
+    parameters may have any name. tunable: the flags a parameter may set; None allows any flag.
     """
     for param in walk(params):
         if param.name in reserved:
             raise UserError(f"parameter {param.name}: the study driver sets --{param.name} itself (one per trial)")
+        if flag_types is None:
+            continue
         if param.name not in flag_types:
             raise UserError(f"parameter {param.name}: not a trainer flag; see `python -m trainer.task --help` "
                             f"for the flags (e.g. initial_learning_rate, optimizer_type, label_smoothing)")

@@ -3,13 +3,18 @@ hypertune metrics file that the driver reads as evaluations land.
 
 Each evaluation goes to Optuna as an intermediate value at the trainer's
 global_step; when the pruner says stop, the process is terminated. The trial's
-value is its best evaluation (or its last, with measurement: last).
+value is its best evaluation (or its last, with measurement: last). A trainer
+that exits badly fails its trial; one that exits with a user mistake every
+trial would repeat (status 2 and an `error:` line) marks the trial so the
+driver stops the study.
 """
 
+import collections
 import ctypes
 import json
 import math
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -21,6 +26,7 @@ from hptuning import params as params_lib
 from hptuning import spec as spec_lib
 
 METRICS_FILE = "hypertune.metrics"
+SCAN_CACHE = "scan-cache"  # in the study's job-dir: the trainer's --scan_cache_dir
 LOG_FILE = "trainer.log"
 TERMINATE_GRACE_SECONDS = 30  # SIGTERM first, SIGKILL if the trainer has not exited by then
 _PR_SET_PDEATHSIG = 1
@@ -28,6 +34,12 @@ _PR_SET_PDEATHSIG = 1
 # trainer and is marked interrupted, to run again when the study resumes.
 STOP = threading.Event()
 INTERRUPTED = "interrupted: the study driver was stopped; the trial runs again when the study resumes"
+
+
+# Set on a trial whose trainer exited with a user mistake every trial shares (status 2, its `error:` line):
+# the study stops at once with that line, and the trial's parameters run again when the study resumes.
+USER_ERROR = "user_error"
+USER_ERROR_STATUS = 2  # trainer.cli.fail's exit status for a user mistake
 
 
 class TrialFailed(Exception):
@@ -43,12 +55,17 @@ def trial_dir(job_dir, number):
 
 
 def trainer_argv(spec, job_dir, params):
-    """Flag file first, then the fixed flags, then the trial's: absl lets the last one win."""
+    """Flag file first, then the fixed flags, then the trial's: absl lets the last one win.
+
+    job_dir: the trial's own folder, inside the study's.
+    """
     argv = list(spec.trainer_command)
     if spec.flagfile:
         argv.append(f"--flagfile={spec.flagfile}")
     if spec_lib.is_builtin_trainer(spec):
         argv.append(f"--hyperparameter_metric_tag={spec.metric}")  # the metric its metrics file reports
+        # One scan of the data for the whole study: the first trial's, kept in the study's folder.
+        argv.append(f"--scan_cache_dir={os.path.join(os.path.dirname(job_dir.rstrip('/')), SCAN_CACHE)}")
     argv += [f"--{name}={value}" for name, value in spec.trainer_flags]
     argv += [f"--{name}={params_lib.flag_text(value)}" for name, value in params.items()]
     argv.append(f"--job-dir={job_dir}")
@@ -74,30 +91,69 @@ def _die_with_parent():
 
 
 class MetricsReader:
-    """Reads complete new lines of a cloudml-hypertune file: [(step, value), ...]."""
+    """Reads a cloudml-hypertune metrics file as it is written: [(step, value), ...] of the reports not read yet.
+
+    The hypertune library keeps its last 100 reports and rewrites the whole file
+    on each one (truncate, then write); trainer.task appends a line. A file that
+    only grew since the last read (what was read is still there, unchanged) is
+    read from where that read stopped; any other change (rewritten, rotated,
+    replaced, caught half-written) is read whole, and the reports already read
+    (the same line) are dropped. A line not ended yet waits for the next read.
+    The library writes global_step "0" when it is given none: such reports, and
+    lines without the key, get the step after the last one seen, so each lands
+    on a step of its own.
+    """
 
     def __init__(self, path, metric):
-        self.path, self.metric, self.offset, self.tags = path, metric, 0, set()
+        self.path, self.metric, self.tags = path, metric, set()
+        self.seen = set()  # every line read, to drop the ones a rewritten file repeats
+        self.offset, self.head, self.tail = 0, b"", b""  # where the last read stopped; the first and last line before it
+        self.last_step = 0
 
     def new_values(self):
         try:
             with open(self.path, "rb") as f:
-                f.seek(self.offset)
+                start = self.offset if self._only_grew(f) else 0
+                f.seek(start)
                 data = f.read()
         except FileNotFoundError:
             return []
-        complete = data[: data.rfind(b"\n") + 1]  # a line being written waits for the next read
-        self.offset += len(complete)
-        values = []
-        for line in complete.decode("utf-8", "replace").splitlines():
-            try:
-                record = json.loads(line)
-                self.tags.update(k for k in record if k not in ("timestamp", "trial", "global_step", "checkpoint_path"))
-                if self.metric in record:
-                    values.append((int(float(record.get("global_step", len(values)))), float(record[self.metric])))
-            except (ValueError, TypeError, AttributeError):
-                continue  # not a metrics line; the trainer's own log says what happened
-        return values
+        complete = data[: data.rfind(b"\n") + 1]
+        if start == 0:
+            self.head = complete[: complete.find(b"\n") + 1]
+        if complete:
+            self.tail = complete[complete.rfind(b"\n", 0, len(complete) - 1) + 1:]
+        self.offset = start + len(complete)
+        lines = [line.strip() for line in complete.splitlines() if line.strip()]
+        if start == 0:  # read whole: what an earlier read returned is not new
+            lines = [line for line in lines if line not in self.seen]
+        self.seen.update(lines)
+        return [value for value in map(self._parse, lines) if value is not None]
+
+    def _only_grew(self, f):
+        if not self.offset or os.fstat(f.fileno()).st_size < self.offset:
+            return False
+        if f.read(len(self.head)) != self.head:
+            return False
+        f.seek(self.offset - len(self.tail))
+        return f.read(len(self.tail)) == self.tail
+
+    def _parse(self, line):
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict):
+                return None
+            self.tags.update(k for k in record if k not in ("timestamp", "trial", "global_step", "checkpoint_path"))
+            if self.metric not in record:
+                return None
+            value = float(record[self.metric])
+            step = int(float(record.get("global_step") or 0))
+        except (ValueError, TypeError, OverflowError):
+            return None  # not a metrics line; the trainer's own log says what happened
+        if step <= 0:
+            step = self.last_step + 1
+        self.last_step = max(self.last_step, step)
+        return step, value
 
 
 def run_trial(trial, spec, job_dir, params, poll_seconds):
@@ -107,14 +163,16 @@ def run_trial(trial, spec, job_dir, params, poll_seconds):
     metrics_path = os.path.join(out, METRICS_FILE)
     if os.path.exists(metrics_path):
         os.remove(metrics_path)
-    for stale in ("failure", "killed_by_signal", "last_step", "interrupted"):  # a retry inherits its failed twin's attrs
+    for stale in ("failure", "killed_by_signal", "last_step", "interrupted", USER_ERROR):  # a retry inherits its twin's
         if trial.user_attrs.get(stale) is not None:
             trial.set_user_attr(stale, None)
     trial.set_user_attr("job_dir", os.path.abspath(out))
     trial.set_user_attr("worker", worker_id())
-    env = dict(os.environ, CLOUD_ML_HP_METRIC_FILE=os.path.abspath(metrics_path), CLOUD_ML_TRIAL_ID=str(trial.number))
+    # The study's container env (a Vertex trial job spec's), then the two variables the driver owns.
+    env = dict(os.environ, **dict(spec.trainer_env))
+    env.update(CLOUD_ML_HP_METRIC_FILE=os.path.abspath(metrics_path), CLOUD_ML_TRIAL_ID=str(trial.number))
     reader = MetricsReader(metrics_path, spec.metric)
-    reported = []
+    reported, steps = [], set()
     with open(os.path.join(out, LOG_FILE), "ab") as log:
         # Its own session: Ctrl-C reaches the driver alone, which stops the trainers itself.
         proc = subprocess.Popen(trainer_argv(spec, out, params), env=env, stdout=log, stderr=subprocess.STDOUT,
@@ -126,8 +184,16 @@ def run_trial(trial, spec, job_dir, params, poll_seconds):
                 if STOP.is_set():
                     raise KeyboardInterrupt
                 finished = _wait(proc, poll_seconds)
-                for step, value in reader.new_values():
+                pending = collections.deque(reader.new_values())
+                while pending:
+                    step, value = pending.popleft()
+                    # Optuna's storage may take longer than the trainer between two reports: read the
+                    # file again after each one, before the library's 100-line window moves past a report.
+                    pending.extend(reader.new_values())
                     reported.append((step, value))
+                    if step in steps:
+                        continue  # Optuna keeps a step's first value (a restarted trainer may evaluate a step again)
+                    steps.add(step)
                     trial.set_user_attr("last_step", step)
                     trial.report(value, step)
                     if trial.should_prune():
@@ -139,7 +205,7 @@ def run_trial(trial, spec, job_dir, params, poll_seconds):
                 trial.set_user_attr("interrupted", True)
                 trial.set_user_attr("failure", INTERRUPTED)
             raise
-    return _result(trial, proc.returncode, reported, reader, spec, out)
+    return _result(trial, proc.returncode, reported, reader, spec, out, params)
 
 
 def _wait(proc, seconds):
@@ -161,13 +227,17 @@ def _stop(proc):
         proc.wait()
 
 
-def _result(trial, returncode, reported, reader, spec, out):
+def _result(trial, returncode, reported, reader, spec, out, params):
     if returncode != 0:
         if returncode < 0:
             reason = f"trainer killed by {signal.Signals(-returncode).name}"
             trial.set_user_attr("killed_by_signal", -returncode)
         else:
-            reason = f"trainer exited with status {returncode}: {_last_line(os.path.join(out, LOG_FILE))}"
+            lines = _last_lines(os.path.join(out, LOG_FILE))
+            error = next((line for line in reversed(lines) if line.startswith("error:")), None)
+            reason = f"trainer exited with status {returncode}: {error or (lines[-1] if lines else '(empty log)')}"
+            if returncode == USER_ERROR_STATUS and error and not _names_a_parameter(error, params):
+                trial.set_user_attr(USER_ERROR, error)
         trial.set_user_attr("failure", reason)
         raise TrialFailed(reason)
     if not reported:
@@ -185,11 +255,16 @@ def _result(trial, returncode, reported, reader, spec, out):
     return max(values) if spec.goal == "maximize" else min(values)
 
 
-def _last_line(path):
+def _names_a_parameter(error, params):
+    """Whether the trainer's error names (as --flag) a flag this trial tunes: then it is this configuration's alone."""
+    return any(re.search(rf"--{re.escape(name)}\b", error) for name in params)
+
+
+def _last_lines(path):
+    """The last non-empty lines of the trainer's log (its last 4 KiB)."""
     try:
         with open(path, "rb") as f:
             f.seek(max(0, os.path.getsize(path) - 4096))
-            lines = [line.strip() for line in f.read().decode("utf-8", "replace").splitlines() if line.strip()]
+            return [line.strip() for line in f.read().decode("utf-8", "replace").splitlines() if line.strip()]
     except OSError:
-        return "(no log)"
-    return lines[-1] if lines else "(empty log)"
+        return ["(no log)"]

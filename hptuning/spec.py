@@ -1,14 +1,16 @@
-"""The study config: a YAML file in either of two shapes, read into one frozen
+"""The study config: a YAML (or JSON) file in either of two shapes, read into one frozen
 StudySpec and validated once, before anything touches storage or starts a trial.
 
-Shape 1 is a Vertex AI hyperparameter tuning job config (a `studySpec` with
-camelCase keys, plus maxTrialCount, parallelTrialCount, maxFailedTrialCount,
-trialJobSpec), so a user brings theirs unchanged. Shape 2 is ours: the same
+Shape 1 is a Vertex AI hyperparameter tuning job (or its bare StudySpec), as
+the console exports it or the SDK writes it (YAML or JSON; vertex.py reads
+every variant), so a user brings theirs unchanged; its trialJobSpec says which
+trainer runs, with which args and environment. Shape 2 is ours: the same
 content, flatter, in snake_case. Both take our additions (trainer_flags,
 flagfile, sampler, early_stopping, trainer_command) at the top level.
 """
 
 import dataclasses
+import json
 import os
 import shlex
 import sys
@@ -16,6 +18,8 @@ import sys
 import yaml
 
 from hptuning import params as params_lib
+from hptuning import vertex
+from trainer import schema
 from trainer.cli import UserError
 
 SAMPLERS = ("tpe", "random", "grid", "cmaes", "gp")
@@ -25,14 +29,6 @@ MEASUREMENTS = ("best", "last")
 OURS = ("trainer_flags", "flagfile", "sampler", "early_stopping", "trainer_command")
 FLAT_KEYS = ("metric", "goal", "measurement", "parameters", "max_trial_count", "parallel_trial_count",
              "max_failed_trial_count", *OURS)
-VERTEX_KEYS = ("studySpec", "maxTrialCount", "parallelTrialCount", "maxFailedTrialCount", "displayName",
-               "trialJobSpec", *OURS)
-VERTEX_STUDY_KEYS = ("metrics", "parameters", "algorithm", "measurementSelectionType", "observationNoise",
-                     "medianAutomatedStoppingSpec", "decayCurveStoppingSpec", "convexAutomatedStoppingSpec",
-                     "convexStopConfig", "studyStoppingConfig")
-VERTEX_ALGORITHMS = {"ALGORITHM_UNSPECIFIED": "tpe", "RANDOM_SEARCH": "random", "GRID_SEARCH": "grid"}
-# Vertex's own early stopping has no Optuna twin; the median rule is the closest.
-VERTEX_STOPPING = ("medianAutomatedStoppingSpec", "decayCurveStoppingSpec", "convexAutomatedStoppingSpec")
 BUILTIN_TRAINER = ("-m", "trainer.task")  # after the Python interpreter
 DEFAULT_MAX_FAILED = 3  # Vertex "decides" when maxFailedTrialCount is 0; we decide 3
 
@@ -51,6 +47,7 @@ class StudySpec:
     trainer_flags: tuple  # (("flag", "value"), ...) the same for every trial
     flagfile: str  # absolute path, or ""
     trainer_command: tuple  # argv prefix that runs the trainer
+    trainer_env: tuple = ()  # (("NAME", "value"), ...) added to every trial's environment
 
     def describe(self):
         """What must not change when a study is resumed (stored with the study)."""
@@ -59,10 +56,13 @@ class StudySpec:
 
 
 def load(path):
-    """Reads and validates the YAML study config at path."""
+    """Reads and validates the study config at path: YAML, or JSON as the Vertex AI SDK writes it."""
     try:
         with open(path) as f:
-            raw = yaml.safe_load(f)
+            text = f.read()
+        raw = _json(text)
+        if raw is None:
+            raw = yaml.safe_load(text)
     except OSError as e:
         raise UserError(f"--study_config={path}: cannot read it ({e.strerror})") from None
     except yaml.YAMLError as e:
@@ -72,7 +72,17 @@ def load(path):
         raise UserError(f"--study_config={path}: not valid YAML{where}: {problem}") from None
     if not isinstance(raw, dict):
         raise UserError(f"--study_config={path}: expected a mapping of keys (metric, parameters, ...) at the top")
-    return from_vertex(raw) if "studySpec" in raw else from_flat(raw)
+    return from_vertex(raw) if vertex.is_vertex(raw) else from_flat(raw)
+
+
+def _json(text):
+    """JSON read as JSON (YAML would take 1e-05 for a string); None when it is not."""
+    if not text.lstrip().startswith("{"):
+        return None
+    try:
+        return json.loads(text)
+    except ValueError:
+        return None  # a YAML flow mapping, or a mistake YAML names with its line
 
 
 def from_flat(raw):
@@ -84,69 +94,36 @@ def from_flat(raw):
     return _finish(raw, metric, goal, raw.get("measurement", "best"), params_lib.parse_flat(raw["parameters"]),
                    raw.get("max_trial_count"), raw.get("parallel_trial_count", 1),
                    raw.get("max_failed_trial_count", 0), raw.get("sampler", "tpe"),
-                   raw.get("early_stopping", "none"), raw.get("trainer_flags") or {})
+                   raw.get("early_stopping", "none"), raw.get("trainer_flags") or {},
+                   _command(raw.get("trainer_command")))
 
 
 def from_vertex(raw):
-    params_lib.check_keys(raw, VERTEX_KEYS, "study config")
-    study = raw["studySpec"]
-    params_lib.check_keys(study, VERTEX_STUDY_KEYS, "studySpec")
-    metrics = study.get("metrics")
-    if not isinstance(metrics, list) or len(metrics) != 1:
-        raise UserError("studySpec.metrics: give exactly one metric (multi-objective studies are not supported)")
-    params_lib.check_keys(metrics[0], ("metricId", "goal", "safetyConfig"), "studySpec.metrics[0]")
-    if "safetyConfig" in metrics[0]:
-        raise UserError("studySpec.metrics[0].safetyConfig: safety metrics are not supported")
-    goal = str(metrics[0].get("goal", "MAXIMIZE")).lower()
-    measurement = {"BEST_MEASUREMENT": "best", "LAST_MEASUREMENT": "last", "MEASUREMENT_SELECTION_TYPE_UNSPECIFIED":
-                   "best"}.get(study.get("measurementSelectionType", "BEST_MEASUREMENT"), "unknown")
-    if measurement == "unknown":
-        raise UserError("studySpec.measurementSelectionType: valid: BEST_MEASUREMENT, LAST_MEASUREMENT")
-    sampler = raw.get("sampler")
-    if "algorithm" in study:
-        if sampler is not None:
-            raise UserError("give studySpec.algorithm or sampler, not both")
-        if study["algorithm"] not in VERTEX_ALGORITHMS:
-            raise UserError(f"studySpec.algorithm: {study['algorithm']!r}; valid: {', '.join(VERTEX_ALGORITHMS)}")
-        sampler = VERTEX_ALGORITHMS[study["algorithm"]]
-    stopping = raw.get("early_stopping")
-    vertex_stopping = [key for key in VERTEX_STOPPING if key in study]
-    if vertex_stopping:
-        if stopping is not None:
-            raise UserError(f"give studySpec.{vertex_stopping[0]} or early_stopping, not both")
-        for key in vertex_stopping:
-            if key != "convexAutomatedStoppingSpec":
-                params_lib.check_keys(study[key] or {}, ("useElapsedDuration",), f"studySpec.{key}")
-            if (study[key] or {}).get("useElapsedDuration"):
-                raise UserError(f"studySpec.{key}.useElapsedDuration: not supported; the median rule compares "
-                                f"trials at equal training steps (leave it out or false)")
-        stopping = "median"
-    flags = raw.get("trainer_flags") or _job_spec_args(raw.get("trialJobSpec"))
-    if "flagfile" in flags and "flagfile" not in raw:
-        raw = dict(raw, flagfile=flags.pop("flagfile"))
-    return _finish(raw, metrics[0].get("metricId", "top_1_accuracy"), goal, measurement,
-                   params_lib.parse_vertex(study.get("parameters")), raw.get("maxTrialCount"),
-                   raw.get("parallelTrialCount", 1), raw.get("maxFailedTrialCount", 0), sampler or "tpe",
-                   stopping or "none", flags)
-
-
-def _job_spec_args(job_spec):
-    """The trainer args of a Vertex trialJobSpec become the fixed trainer flags."""
-    if not job_spec:
-        return {}
-    pools = job_spec.get("workerPoolSpecs") if isinstance(job_spec, dict) else None
-    pool = pools[0] if isinstance(pools, list) and pools and isinstance(pools[0], dict) else {}
-    code = pool.get("containerSpec") or pool.get("pythonPackageSpec") or {}
+    """A Vertex AI job (or bare StudySpec), as any of Google's clients writes it (hptuning/vertex.py)."""
+    doc = vertex.normalise(raw, OURS)
+    search = vertex.read_study(doc["studySpec"], doc.get("sampler"), doc.get("early_stopping"))
+    command, args, env = vertex.trial_job(doc.get("trialJobSpec"))
+    if command and "trainer_command" in doc:
+        raise UserError("give trialJobSpec's command (or pythonModule) or trainer_command, not both")
+    command = _command(doc.get("trainer_command", command))
     flags = {}
-    for arg in code.get("args") or []:
-        name, sep, value = str(arg).lstrip("-").partition("=")
-        if not str(arg).startswith("--") or not sep:
-            raise UserError(f"trialJobSpec args: {arg!r}: expected --flag=value")
-        flags[name] = value
-    return flags
+    if command[1:] == BUILTIN_TRAINER:  # the built-in trainer's args are read as flags, checked like ours
+        flags = vertex.flag_args(args, schema.flag_types())
+    else:  # another trainer gets them as written, before the driver's flags (as Vertex passes them)
+        command += tuple(vertex.verbatim_args(args))
+    ours = doc.get("trainer_flags") or {}
+    if not isinstance(ours, dict):
+        raise UserError(f"trainer_flags: expected a mapping of flag: value, got {ours!r}")
+    flags.update(ours)  # after the args: ours win
+    if "flagfile" in flags and "flagfile" not in doc:
+        doc["flagfile"] = flags.pop("flagfile")
+    return _finish(doc, search["metric"], search["goal"], search["measurement"], search["parameters"],
+                   doc.get("maxTrialCount"), doc.get("parallelTrialCount", 1), doc.get("maxFailedTrialCount", 0),
+                   search["sampler"], search["stopping"], flags, command, env)
 
 
-def _finish(raw, metric, goal, measurement, parameters, max_trials, parallel, max_failed, sampler, stopping, flags):
+def _finish(raw, metric, goal, measurement, parameters, max_trials, parallel, max_failed, sampler, stopping, flags,
+            command, env=()):
     if goal not in GOALS:
         raise UserError(f"goal: {goal!r}; valid: {', '.join(GOALS)}")
     if measurement not in MEASUREMENTS:
@@ -169,7 +146,7 @@ def _finish(raw, metric, goal, measurement, parameters, max_trials, parallel, ma
         max_failed_trial_count=_count("max_failed_trial_count", max_failed, 0) or DEFAULT_MAX_FAILED,
         sampler=sampler, early_stopping=_settings("early_stopping", stopping, EARLY_STOPPING),
         trainer_flags=tuple((str(k), params_lib.flag_text(v)) for k, v in flags.items()),
-        flagfile=_flagfile(raw.get("flagfile")), trainer_command=_command(raw.get("trainer_command")))
+        flagfile=_flagfile(raw.get("flagfile")), trainer_command=command, trainer_env=env)
 
 
 def _grid_size(parameters):

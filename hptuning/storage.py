@@ -13,6 +13,7 @@ import optuna
 from optuna.storages import RDBStorage
 from optuna.trial import TrialState
 
+from hptuning.runner import USER_ERROR
 from trainer.cli import UserError
 
 MAX_RETRIES = 2  # a trial whose worker or trainer was killed runs again at most this often
@@ -156,16 +157,28 @@ def fail_dead_local_trials(study, storage):
             yield trial.number
 
 
-def requeue_interrupted(study):
-    """Queues again the trials a stopped driver interrupted (they count as no failure)."""
+def requeue_stopped(study):
+    """Queues again the trials that stopped for no fault of their parameters: [(number, why), ...].
+
+    A trial a stopped driver interrupted, and one whose trainer met a user
+    error that stopped the study (fixed, presumably, before this run): neither
+    counts as a failure, and the defaults' trial is not lost.
+    """
     from hptuning.outputs import retried_numbers
 
     trials = study.get_trials(deepcopy=False)
     retried = retried_numbers(trials)
     for trial in trials:
-        if trial.state == TrialState.FAIL and trial.user_attrs.get("interrupted") and trial.number not in retried:
-            retry_callback()(study, trial)
-            yield trial.number
+        if trial.state != TrialState.FAIL or trial.number in retried:
+            continue
+        if trial.user_attrs.get("interrupted"):
+            why = "was interrupted"
+        elif trial.user_attrs.get(USER_ERROR):
+            why = "stopped the study with a user error"
+        else:
+            continue
+        retry_callback()(study, trial)
+        yield trial.number, why
 
 
 def _driver_alive(pid):

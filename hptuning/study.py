@@ -1,11 +1,13 @@
 """Entry point: `python -m hptuning.study --study_config=... --job-dir=...`.
 
 The only module of hptuning that defines flags (STUDY_FLAGS, one table, as
-the trainer's). It checks the flags, reads the study config and checks it
-against the trainer's flag table (trainer/schema.py) and metrics, all before
-Optuna is imported; then driver.py runs the study. User mistakes end as one
-`error:` line and exit status 2; a study stopped by max_failed_trial_count
-exits with 1.
+the trainer's). It checks the flags, reads the study config and, when the
+trials run the built-in trainer, checks it against that trainer's flag table
+(trainer/schema.py) and metrics, all before Optuna is imported; then
+driver.py runs the study. User mistakes (in the flags, the study config, or
+a trainer's own `error:` line, which every trial would repeat) end as one
+`error:` line and exit status 2; a study stopped by max_failed_trial_count,
+or that ends with no complete trial, exits with 1.
 """
 
 import dataclasses
@@ -50,7 +52,8 @@ PROGRAM = cli.Program(
     groups=("study", "outputs", "storage and workers"),
     notes="Running the same command again resumes the study; workers on several machines share one study "
           "through the same --storage and --study_name. Exit status: 0 when the study has its trials, 1 when "
-          "max_failed_trial_count stopped it, 2 for a mistake in the flags or the study config.",
+          "max_failed_trial_count stopped it or no trial completed, 2 for a mistake in the flags or the study "
+          "config, or a trainer's own error line (a mistake every trial would repeat).",
 )
 
 # Flags the driver gives every trial itself.
@@ -58,13 +61,14 @@ RESERVED_FLAGS = (*(flag.name for flag in cli.JOB_DIR_FLAGS), "flagfile")
 
 
 def check_against_trainer(spec):
-    """The config's parameters and fixed flags against the trainer's flag table; with the built-in trainer,
-    its metric and goal too, and each parameter must be a flag the table marks tunable.
+    """With the built-in trainer: the config's parameters and fixed flags against its flag table (each
+    parameter a flag the table marks tunable), and its metric and goal.
 
-    A custom trainer_command keeps the trainer's flag names and types but may report other metrics.
+    Another trainer_command takes any flag names and reports any metric; only the flags the driver sets
+    itself are refused.
     """
-    known = schema.flag_types()
     builtin = spec_lib.is_builtin_trainer(spec)
+    known = schema.flag_types() if builtin else None
     if builtin:
         metrics = tasks.all_metrics()
         if spec.metric not in metrics:
@@ -76,12 +80,12 @@ def check_against_trainer(spec):
         if tag is not None and tag != spec.metric:
             raise cli.UserError(f"trainer_flags.hyperparameter_metric_tag: {tag} differs from the study's metric "
                                 f"{spec.metric}; leave it out (the driver passes the study's metric)")
-    params_lib.check_against_flags(spec.parameters, known, RESERVED_FLAGS, schema.tunable() if builtin else None)
+    params_lib.check_against_flags(spec.parameters, RESERVED_FLAGS, known, schema.tunable() if builtin else None)
     for name, _ in spec.trainer_flags:
         if name in RESERVED_FLAGS:
             raise cli.UserError(f"trainer_flags.{name}: the study driver sets it (use the flagfile key for a flag "
                                 f"file)")
-        if name not in known:
+        if builtin and name not in known:
             raise cli.UserError(f"trainer_flags.{name}: not a trainer flag; see `python -m trainer.task --help`")
 
 

@@ -5,7 +5,9 @@ process (for what only a process shows: signals, kills, several workers), and
 its main() in the test's process (for mistakes in flags, config or storage).
 
 The fake's behaviour per trial is steered by environment variables the driver
-passes through: FAKE_CRASH / FAKE_SIGKILL / FAKE_BLOCK / FAKE_NAN list trial numbers;
+passes through: FAKE_CRASH (exit 1 with a traceback) / FAKE_USER_ERROR (exit 2
+with an `error:` line naming --FAKE_ERROR_FLAG, training_data_path unless
+given) / FAKE_SIGKILL / FAKE_BLOCK / FAKE_NAN list trial numbers;
 FAKE_BLOCK_BELOW blocks every trial whose accuracy is below it; FAKE_RUN_LOG
 collects one line per trainer start.
 """
@@ -33,9 +35,12 @@ def listed(name):
 if os.environ.get("FAKE_RUN_LOG"):
     with open(os.environ["FAKE_RUN_LOG"], "a") as f:
         f.write(f"{trial} {os.getpid()}\n")
-if listed("FAKE_CRASH"):
-    print("error: --training_data_path: no files match (fake crash)", file=sys.stderr)
+if listed("FAKE_USER_ERROR"):
+    flag = os.environ.get("FAKE_ERROR_FLAG", "training_data_path")
+    print(f"error: --{flag}={flags.get(flag, '/no/such/data')}: no files match (fake user error)", file=sys.stderr)
     sys.exit(2)
+if listed("FAKE_CRASH"):
+    raise RuntimeError("fake crash")  # exit status 1, a traceback in trainer.log
 lr = float(flags.get("initial_learning_rate", 0.1))
 accuracy = max(0.0, 1 - abs(math.log10(lr) + 1) / 3)  # best at lr = 0.1
 if listed("FAKE_NAN"):

@@ -149,6 +149,20 @@ def test_vertex_stopping_settings_are_checked(tmp_path, stopping, fragments):
         assert fragment in str(e.value)
 
 
+@pytest.mark.parametrize("job, fragments", [
+    ({"workerPoolSpecs": [{"containerSpec": {"comand": ["python", "t.py"]}}]},
+     ["trialJobSpec.workerPoolSpecs[0].containerSpec.comand: unknown key", "command"]),
+    ({"workerPoolSpecs": [{"containerSpec": {"env": [{"value": "1"}]}}]}, ["containerSpec.env[0]: expected {name"]),
+])
+def test_bad_trial_job_spec(tmp_path, job, fragments):
+    config = {"maxTrialCount": 2, "trialJobSpec": job, "studySpec": {
+        "metrics": [{"metricId": "top_1_accuracy"}], "parameters": [{"parameterId": "x", "doubleValueSpec": {}}]}}
+    with pytest.raises(UserError) as e:
+        load_dict(tmp_path, config)
+    for fragment in fragments:
+        assert fragment in str(e.value)
+
+
 @pytest.mark.parametrize("param, fragments", [
     ({"parameterId": "x", "floatValueSpec": {"minValue": 0, "maxValue": 1}},
      ["studySpec.parameters[0].floatValueSpec: unknown key", "doubleValueSpec"]),
@@ -205,9 +219,18 @@ def test_a_parameter_must_be_a_tunable_flag_of_the_builtin_trainer(tmp_path):
         study.check_against_trainer(load_dict(tmp_path, fixed_only))
     assert "parameter eval_frequency" in str(e.value) and "under trainer_flags instead" in str(e.value)
     assert "initial_learning_rate" in str(e.value)  # the tunable flags are listed
-    # As a fixed flag it is fine; and another trainer_command may tune any flag of the same name and type.
+    # As a fixed flag it is fine.
     study.check_against_trainer(load_dict(tmp_path, minimal(trainer_flags={"eval_frequency": 10})))
-    study.check_against_trainer(load_dict(tmp_path, {**fixed_only, "trainer_command": "python my_trainer.py"}))
+
+
+def test_another_trainer_takes_any_parameter_and_flag_names(tmp_path):
+    custom = {"trainer_command": "python my_trainer.py", "metric": "loss", "goal": "minimize",
+              "trainer_flags": {"data_dir": "/data", "eval_frequency": 10},
+              "parameters": {"dropout": {"type": "double", "min": 0, "max": 0.5},
+                             "max_steps": {"type": "categorical", "values": ["short", "long"]}}}
+    study.check_against_trainer(load_dict(tmp_path, minimal(**custom)))
+    with pytest.raises(UserError, match="trainer_flags.job-dir: the study driver sets it"):
+        study.check_against_trainer(load_dict(tmp_path, minimal(**{**custom, "trainer_flags": {"job-dir": "/x"}})))
 
 
 @pytest.mark.parametrize("value, text", [
@@ -226,8 +249,8 @@ def test_trial_command_line_orders_flagfile_fixed_flags_then_parameters(tmp_path
     argv = runner.trainer_argv(spec, "/jobs/trial-0003", {"initial_learning_rate": np.float64(0.05),
                                                            "train_batch_size": np.int64(64)})
     assert argv[1:] == ["-m", "trainer.task", f"--flagfile={flagfile}", "--hyperparameter_metric_tag=top_1_accuracy",
-                        "--max_steps=9", "--random_flip=false", "--initial_learning_rate=0.05",
-                        "--train_batch_size=64", "--job-dir=/jobs/trial-0003"]
+                        "--scan_cache_dir=/jobs/scan-cache", "--max_steps=9", "--random_flip=false",
+                        "--initial_learning_rate=0.05", "--train_batch_size=64", "--job-dir=/jobs/trial-0003"]
 
 
 def test_grid_needs_finite_choices_and_sizes_the_study(tmp_path):

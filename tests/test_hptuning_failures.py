@@ -1,0 +1,88 @@
+"""Failed trials, over the fake trainer: a failed trial (the defaults' one
+too) is made up to max_trial_count; a user error every trial would repeat
+stops the study after one trial with the trainer's own `error:` line, and
+runs again once fixed; a study where every trial fails exits non-zero.
+"""
+
+import pytest
+
+from tests.hptuning_helpers import (
+    assert_one_error_line,
+    driver_env,
+    read_trials,
+    run_driver,
+    run_log,
+    trials_by_number,
+    write_config,
+)
+
+DEFAULT_LR = {"initial_learning_rate": {"type": "double", "min": 0.001, "max": 1.0, "scale": "log", "default": 0.1}}
+
+
+def _states(job_dir):
+    return {number: t["state"] for number, t in trials_by_number(job_dir).items()}
+
+
+def test_a_crashing_trial_fails_alone_and_is_made_up(tmp_path):
+    config = write_config(tmp_path, max_trial_count=3)
+    job_dir = str(tmp_path / "sweep")
+    result = run_driver(config, job_dir, env=driver_env(FAKE_CRASH="1"))
+    assert result.returncode == 0, result.stderr
+    assert _states(job_dir) == {0: "COMPLETE", 1: "FAIL", 2: "COMPLETE", 3: "COMPLETE"}
+    assert "trial 1 failed: trainer exited with status 1: RuntimeError: fake crash" in result.stdout
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("max_trial_count", [1, 3])
+def test_a_failing_defaults_trial_is_made_up(tmp_path, max_trial_count):
+    config = write_config(tmp_path, max_trial_count=max_trial_count, parameters=DEFAULT_LR)
+    job_dir = str(tmp_path / "sweep")
+    result = run_driver(config, job_dir, env=driver_env(FAKE_CRASH="0"))
+    assert result.returncode == 0, result.stderr
+    trials = trials_by_number(job_dir)
+    assert trials[0]["state"] == "FAIL" and trials[0]["initial_learning_rate"] == "0.1"
+    assert sorted(trials) == list(range(max_trial_count + 1))
+    assert sum(t["state"] == "COMPLETE" for t in trials.values()) == max_trial_count
+
+
+@pytest.mark.parametrize("max_trial_count, max_failed, last", [(1, None, 2), (5, 2, 1)])
+def test_a_study_whose_every_trial_fails_exits_non_zero(tmp_path, max_trial_count, max_failed, last):
+    overrides = {} if max_failed is None else {"max_failed_trial_count": max_failed}
+    config = write_config(tmp_path, max_trial_count=max_trial_count, parameters=DEFAULT_LR, **overrides)
+    job_dir = str(tmp_path / "sweep")
+    result = run_driver(config, job_dir, env=driver_env(FAKE_CRASH="0,1,2,3,4,5"))
+    assert result.returncode == 1
+    failed = max_failed or 3  # the default
+    assert_one_error_line(result, f"study stopped: {failed} trials failed (max_failed_trial_count: {failed})",
+                          f"trial {last}: trainer exited with status 1: RuntimeError: fake crash")
+    assert [t["state"] for t in read_trials(job_dir)] == ["FAIL"] * failed  # outputs are still written
+    assert "no trial has completed" in result.stdout
+
+
+def test_a_user_error_stops_the_study_after_one_trial_and_the_fixed_rerun_runs_it_again(tmp_path):
+    config = write_config(tmp_path, max_trial_count=3, parameters=DEFAULT_LR)
+    job_dir, log = str(tmp_path / "sweep"), str(tmp_path / "runs.log")
+    result = run_driver(config, job_dir, env=driver_env(FAKE_USER_ERROR="0,1,2,3", FAKE_RUN_LOG=log))
+    assert result.returncode == 2
+    line = assert_one_error_line(result, "trial 0's trainer", "run the same command again")
+    assert line.startswith("error: --training_data_path=/no/such/data: no files match (fake user error) (")
+    assert run_log(log) == [0]  # one trainer start-up, not one per allowed failure
+    assert [t["state"] for t in read_trials(job_dir)] == ["FAIL"]
+
+    # Fixed: the same command runs the defaults' trial again, and the failure counts for nothing.
+    again = run_driver(config, job_dir, env=driver_env(FAKE_RUN_LOG=log))
+    assert again.returncode == 0, again.stderr
+    assert "trial 0 stopped the study with a user error; it runs again as a new trial" in again.stdout
+    trials = trials_by_number(job_dir)
+    assert trials[1]["retry_of"] == "0" and trials[1]["initial_learning_rate"] == "0.1"
+    assert [t["state"] for t in trials.values()] == ["FAIL", "COMPLETE", "COMPLETE", "COMPLETE"]
+
+
+def test_a_user_error_naming_a_tuned_flag_fails_that_trial_alone(tmp_path):
+    # The trainer refused this trial's value, not something every trial shares: the search goes on.
+    config = write_config(tmp_path, max_trial_count=2)
+    job_dir = str(tmp_path / "sweep")
+    result = run_driver(config, job_dir, env=driver_env(FAKE_USER_ERROR="1", FAKE_ERROR_FLAG="initial_learning_rate"))
+    assert result.returncode == 0, result.stderr
+    assert _states(job_dir) == {0: "COMPLETE", 1: "FAIL", 2: "COMPLETE"}
+    assert "trial 1 failed: trainer exited with status 2: error: --initial_learning_rate=" in result.stdout
