@@ -37,6 +37,13 @@ def keras_probabilities(job_dir, encoded_images, image_size=16):
 
 
 def check_export(job_dir, class_names):
+    from trainer import models
+
+    config = json.load(open(os.path.join(job_dir, "config.json")))
+    weight_bytes = 4 * models.build_model(config["model_type"], config["num_classes"], 16).count_params()
+    variables = os.path.join(job_dir, "model", "variables")
+    stored = sum(os.path.getsize(os.path.join(variables, f)) for f in os.listdir(variables))
+    assert stored < 1.2 * weight_bytes  # each weight once (float32)
     loaded = tf.saved_model.load(os.path.join(job_dir, "model"))
     assert {"serving_default", "serving_images"} <= set(loaded.signatures)
     encoded = real_image_bytes()

@@ -68,7 +68,8 @@ def export_saved_model(weights_path, model_type, task, num_classes, image_size, 
         return outputs(tf.cast(tf.clip_by_value(tf.round(resized), 0, 255), tf.uint8))
 
     archive = keras.export.ExportArchive()
-    archive.track(model)
+    # The endpoints track the variables they use. archive.track(model) would add the
+    # model's own variable list, and the SavedModel would hold every weight twice.
     # TF Serving's REST API base64-decodes inputs whose name ends in _bytes.
     archive.add_endpoint("serving_default", serve_bytes, input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
     archive.add_endpoint("serving_images", serve_images, input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8, name="images")])
