@@ -35,14 +35,19 @@ def retried_numbers(trials):
     return {n for t in trials for n in t.system_attrs.get("retry_history", ())}
 
 
-def unretried_failures(trials):
-    """Failed trials that count against max_failed_trial_count.
+def runs_again(trial):
+    """An interrupted trial, or one that stopped the study with a user error, is queued again when
+    the study resumes, up to storage.MAX_RETRIES times; after that it counts as failed."""
+    from hptuning.storage import MAX_RETRIES
 
-    An interrupted trial, and one that stopped the study with a user error, run again instead.
-    """
+    stopped = trial.user_attrs.get("interrupted") or trial.user_attrs.get(USER_ERROR)
+    return bool(stopped) and len(trial.system_attrs.get("retry_history", ())) < MAX_RETRIES
+
+
+def unretried_failures(trials):
+    """Failed trials that count against max_failed_trial_count (not the ones that run again)."""
     retried = retried_numbers(trials)
-    return [t for t in trials if t.state == TrialState.FAIL and t.number not in retried
-            and not t.user_attrs.get("interrupted") and not t.user_attrs.get(USER_ERROR)]
+    return [t for t in trials if t.state == TrialState.FAIL and t.number not in retried and not runs_again(t)]
 
 
 def write_csv(path, trials, spec):

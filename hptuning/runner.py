@@ -2,11 +2,13 @@
 hypertune metrics file that the driver reads as evaluations land.
 
 Each evaluation goes to Optuna as an intermediate value at the trainer's
-global_step; when the pruner says stop, the process is terminated. The trial's
-value is its best evaluation (or its last, with measurement: last). A trainer
-that exits badly fails its trial; one that exits with a user mistake every
-trial would repeat (status 2 and an `error:` line) marks the trial so the
-driver stops the study.
+global_step (a report without one takes the step after the last); when the
+pruner says stop, the process is terminated. The trial's value is its best
+evaluation (or its last, with measurement: last). A built-in trial whose flags
+the trainer's own checks refuse fails without starting; a trainer that exits
+badly fails its trial; one that exits with a user mistake every trial would
+repeat (status 2 and an `error:` line) marks the trial so the driver stops
+the study.
 """
 
 import collections
@@ -39,6 +41,7 @@ INTERRUPTED = "interrupted: the study driver was stopped; the trial runs again w
 # Set on a trial whose trainer exited with a user mistake every trial shares (status 2, its `error:` line):
 # the study stops at once with that line, and the trial's parameters run again when the study resumes.
 USER_ERROR = "user_error"
+NOT_FOR_TRIALS = ("AIP_MODEL_DIR", "AIP_CHECKPOINT_DIR", "AIP_TENSORBOARD_LOG_DIR", "TF_CONFIG", "CLUSTER_SPEC")
 USER_ERROR_STATUS = 2  # trainer.cli.fail's exit status for a user mistake
 
 
@@ -124,9 +127,10 @@ class MetricsReader:
         if complete:
             self.tail = complete[complete.rfind(b"\n", 0, len(complete) - 1) + 1:]
         self.offset = start + len(complete)
+        # What an earlier read returned is not new, whatever this read's start: a rewrite caught
+        # half written can look like a file that only grew. Every report carries its timestamp.
         lines = [line.strip() for line in complete.splitlines() if line.strip()]
-        if start == 0:  # read whole: what an earlier read returned is not new
-            lines = [line for line in lines if line not in self.seen]
+        lines = [line for line in lines if line not in self.seen]
         self.seen.update(lines)
         return [value for value in map(self._parse, lines) if value is not None]
 
@@ -169,13 +173,21 @@ def run_trial(trial, spec, job_dir, params, poll_seconds):
     trial.set_user_attr("job_dir", os.path.abspath(out))
     trial.set_user_attr("worker", worker_id())
     # The study's container env (a Vertex trial job spec's), then the two variables the driver owns.
-    env = dict(os.environ, **dict(spec.trainer_env))
+    # Output folders and a cluster named by the environment belong to the driver's own job, not to
+    # a trial: with them every trial would write (and resume) one model and checkpoint folder.
+    env = {k: v for k, v in dict(os.environ, **dict(spec.trainer_env)).items() if k not in NOT_FOR_TRIALS}
     env.update(CLOUD_ML_HP_METRIC_FILE=os.path.abspath(metrics_path), CLOUD_ML_TRIAL_ID=str(trial.number))
+    argv = trainer_argv(spec, out, params)
+    if spec_lib.is_builtin_trainer(spec):
+        problem = _builtin_config_problem(argv[3:], env)
+        if problem:  # this trial's combination of values, not the study: it fails alone, with no start-up
+            trial.set_user_attr("failure", f"error: {problem}")
+            raise TrialFailed(f"error: {problem}")
     reader = MetricsReader(metrics_path, spec.metric)
     reported, steps = [], set()
     with open(os.path.join(out, LOG_FILE), "ab") as log:
         # Its own session: Ctrl-C reaches the driver alone, which stops the trainers itself.
-        proc = subprocess.Popen(trainer_argv(spec, out, params), env=env, stdout=log, stderr=subprocess.STDOUT,
+        proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, start_new_session=True,
                                 preexec_fn=_die_with_parent if _LIBC else None)
         try:
@@ -225,6 +237,23 @@ def _stop(proc):
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+
+
+def _builtin_config_problem(args, env):
+    """The built-in trainer's own check of a trial's flags (no TensorFlow, no process): its error, or None."""
+    from absl import flags
+
+    from trainer import cli, schema, task
+
+    values = flags.FlagValues()  # one per trial: parallel trials check at once
+    cli.define(schema.TRAINER_FLAGS, values)
+    try:
+        values(["trainer.task", *args])
+        task.check_required(values, env)
+        task.config_from_flags(values, env)
+    except (flags.Error, cli.UserError) as e:
+        return str(e).replace("\n", " ")
+    return None
 
 
 def _result(trial, returncode, reported, reader, spec, out, params):

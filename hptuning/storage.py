@@ -164,13 +164,13 @@ def requeue_stopped(study):
     error that stopped the study (fixed, presumably, before this run): neither
     counts as a failure, and the defaults' trial is not lost.
     """
-    from hptuning.outputs import retried_numbers
+    from hptuning.outputs import retried_numbers, runs_again
 
     trials = study.get_trials(deepcopy=False)
     retried = retried_numbers(trials)
     for trial in trials:
-        if trial.state != TrialState.FAIL or trial.number in retried:
-            continue
+        if trial.state != TrialState.FAIL or trial.number in retried or not runs_again(trial):
+            continue  # a trial stopped MAX_RETRIES + 1 times counts as failed instead
         if trial.user_attrs.get("interrupted"):
             why = "was interrupted"
         elif trial.user_attrs.get(USER_ERROR):

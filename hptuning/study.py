@@ -21,10 +21,10 @@ from trainer import cli, schema, tasks
 
 _JOB_DIR, _JOB_DIR_ALIAS = cli.JOB_DIR_FLAGS
 STUDY_FLAGS = (
-    cli.Flag("study_config", "string", None, "Study YAML: ours or a Vertex AI tuning job config (studySpec); "
-             "see docs/HPTUNING.md.", "study", required=True),
+    cli.Flag("study_config", "string", None, "Study config, YAML or JSON: ours, or a Vertex AI tuning job or StudySpec "
+             "as its SDK or console writes it; see docs/HPTUNING.md.", "study", required=True),
     cli.Flag("study_name", "string", None, "Name of the study in the storage; when not given, the study config's "
-             "file name without .yaml.", "study"),
+             "file name without its extension.", "study"),
     cli.Flag("max_trial_count", "integer", 0, "Finished trials the study stops at; 0 takes the config's. Raise it "
              "to extend a finished study.", "study"),
     cli.Flag("parallel_trial_count", "integer", 0, "Trials at once in this process; 0 takes the config's.",
@@ -45,8 +45,9 @@ cli.define(STUDY_FLAGS, FLAGS)
 
 PROGRAM = cli.Program(
     usage="python -m hptuning.study --study_config=FILE --job-dir=DIR [--flag=value ...]",
-    summary="Tunes the trainer's flags with an Optuna study: each trial is one `python -m trainer.task` run in "
-            "its own job-dir, poor trials stop early, and the best trial's SavedModel is the answer.",
+    summary="Tunes a trainer's flags with an Optuna study: each trial is one run of the trainer (`python -m "
+            "trainer.task` unless the config names another) in its own job-dir, poor trials stop early, and the "
+            "best trial's model is the answer.",
     example="python -m hptuning.study --study_config=sample_configs/hptuning/digits.yaml "
             "--job-dir=runs/digits-sweep",
     groups=("study", "outputs", "storage and workers"),

@@ -145,7 +145,9 @@ def read_study(study, sampler, stopping):
     measurement = MEASUREMENTS.get(study.get("measurementSelectionType", "BEST_MEASUREMENT"))
     if measurement is None:
         raise UserError("studySpec.measurementSelectionType: valid: BEST_MEASUREMENT, LAST_MEASUREMENT")
-    if "algorithm" in study:
+    # ALGORITHM_UNSPECIFIED is what an SDK dump writes when nobody chose: our sampler may choose.
+    if study.get("algorithm", "ALGORITHM_UNSPECIFIED") != "ALGORITHM_UNSPECIFIED" or (
+            "algorithm" in study and sampler is None):
         if sampler is not None:
             raise UserError("give studySpec.algorithm or sampler, not both")
         if study["algorithm"] not in ALGORITHMS:

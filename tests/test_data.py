@@ -57,7 +57,7 @@ def test_a_scan_is_kept_and_reused_for_the_same_data_only(tmp_path, monkeypatch)
     cache = str(tmp_path / "cache")
     first = data.scan_cached(source, 2, sources.RecordFormat(), 0.5, cache)
     assert first.total == 7 and len(first.keys) == 6 and first.corrupt[0].endswith("broken.png")
-    assert len(list((tmp_path / "cache").iterdir())) == 1
+    assert len(list((tmp_path / "cache").glob("scan-*.npz"))) == 1
 
     def no_scan(*args):
         raise AssertionError("scanned again")
@@ -70,3 +70,19 @@ def test_a_scan_is_kept_and_reused_for_the_same_data_only(tmp_path, monkeypatch)
         data.scan_cached(source, 2, sources.RecordFormat(), 0.0, cache)
     with pytest.raises(AssertionError, match="scanned again"):  # other settings, another key
         data.scan_cached(source, 3, sources.RecordFormat(), 0.5, cache)
+    [kept] = (tmp_path / "cache").glob("scan-*.npz")
+    kept.write_bytes(b"damaged")  # an unreadable cache file is made again, not an error
+    monkeypatch.undo()
+    assert data.scan_cached(source, 2, sources.RecordFormat(), 0.5, cache).total == 7
+
+
+def test_a_kept_scan_names_unreadable_images_as_the_reading_flag_does(tmp_path):
+    (tmp_path / "a.png").write_bytes(encode(np.zeros((8, 8, 3), np.uint8), "PNG"))
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    listing = tmp_path / "list.txt"
+    listing.write_text("a.png 0\nbad.png 1\na.png 1\n")
+    cache = str(tmp_path / "cache")
+    for flag in ("training_data_path", "validation_data_path"):  # the same list for both: one kept scan
+        scanned = data.scan_cached(sources.open_source(str(listing), flag), 2, sources.RecordFormat(), 0.5, cache)
+        assert scanned.corrupt == (f"{tmp_path / 'bad.png'} (line 2 of --{flag})",)
+    assert len(list((tmp_path / "cache").glob("scan-*.npz"))) == 1

@@ -86,3 +86,38 @@ def test_a_user_error_naming_a_tuned_flag_fails_that_trial_alone(tmp_path):
     assert result.returncode == 0, result.stderr
     assert _states(job_dir) == {0: "COMPLETE", 1: "FAIL", 2: "COMPLETE"}
     assert "trial 1 failed: trainer exited with status 2: error: --initial_learning_rate=" in result.stdout
+
+
+def test_a_combination_the_built_in_trainer_refuses_fails_that_trial_without_starting_it(tmp_path):
+    # nesterov is an argument of SGD with momentum only: every trial the sampler gives adam or rmsprop
+    # fails on its own, in the driver, with the trainer's own line; the study is not stopped by it.
+    config = write_config(
+        tmp_path, max_trial_count=2, max_failed_trial_count=2, trainer_command="python -m trainer.task",
+        trainer_flags={"training_data_path": "t", "validation_data_path": "v", "num_classes": 2, "max_steps": 5,
+                       "optimizer_arguments": "nesterov=true"},
+        parameters={"optimizer_type": {"type": "categorical", "values": ["adam", "rmsprop"]}})
+    job_dir = tmp_path / "sweep"
+    result = run_driver(config, str(job_dir))
+    assert result.returncode == 1, result.stderr  # max_failed_trial_count, not a user error (2)
+    trials = trials_by_number(str(job_dir))
+    assert [t["state"] for t in trials.values()] == ["FAIL", "FAIL"]
+    for t in trials.values():
+        assert t["failure"].startswith(
+            f"error: --optimizer_arguments 'nesterov' is not an argument of the {t['optimizer_type']} optimizer")
+    assert not list(job_dir.glob("trial-*/trainer.log"))  # no trainer was started
+
+
+def test_a_trial_stopped_more_often_than_it_may_be_retried_counts_as_failed():
+    import optuna
+    from optuna.trial import TrialState, create_trial
+
+    from hptuning import outputs, storage
+
+    study = optuna.create_study()
+    fresh = create_trial(state=TrialState.FAIL, user_attrs={"interrupted": True})
+    spent = create_trial(state=TrialState.FAIL, user_attrs={"interrupted": True},
+                         system_attrs={"retry_history": [90 + i for i in range(storage.MAX_RETRIES)]})
+    for trial in (fresh, spent):
+        study.add_trial(trial)
+    assert [number for number, _ in storage.requeue_stopped(study)] == [0]  # only the first runs again
+    assert [t.number for t in outputs.unretried_failures(study.get_trials())] == [1]

@@ -74,7 +74,7 @@ def test_the_reader_reads_an_appended_file_from_where_it_stopped(tmp_path):
     assert reader.new_values() == [(50, 0.5)]
     with open(path, "a") as f:
         f.write((line % 100)[10:] + line % 150)
-    assert reader.new_values() == [(100, 0.5), (150, 0.5)]  # equal lines but new ones: each counts
+    assert reader.new_values() == [(100, 0.5), (150, 0.5)]  # the same value at new steps: each counts
     assert reader.offset == path.stat().st_size
 
 
@@ -92,17 +92,20 @@ def test_a_trainer_reporting_through_hypertune_150_times_loses_nothing(tmp_path,
     assert stored.intermediate_values == {step: _value(step) for step in range(1, REPORTS + 1)}
 
 
-def test_the_trainer_runs_with_the_study_container_env(tmp_path):
+def test_the_trainer_runs_with_the_study_container_env_but_not_the_drivers_outputs(tmp_path, monkeypatch):
     script = tmp_path / "env_trainer.py"
     script.write_text(textwrap.dedent('''
         import json, os
         value = float(os.environ["FAKE_VALUE"]) + (os.environ["CLOUD_ML_TRIAL_ID"] == "0")
+        value -= 10 * any(name in os.environ for name in ("AIP_MODEL_DIR", "TF_CONFIG"))  # the driver's own job's
         with open(os.environ["CLOUD_ML_HP_METRIC_FILE"], "a") as f:
             f.write(json.dumps({"top_1_accuracy": str(value), "global_step": "1"}) + "\\n")
     '''))
     spec = spec_lib.load(write_config(tmp_path, trainer_command=[sys.executable, str(script)]))
     # The driver's own variables win over the study's.
-    spec = dataclasses.replace(spec, trainer_env=(("FAKE_VALUE", "0.25"), ("CLOUD_ML_TRIAL_ID", "7")))
+    spec = dataclasses.replace(spec, trainer_env=(("FAKE_VALUE", "0.25"), ("CLOUD_ML_TRIAL_ID", "7"),
+                                                  ("AIP_MODEL_DIR", "gs://b/one-model-for-all")))
+    monkeypatch.setenv("TF_CONFIG", '{"cluster": {"worker": ["a:1", "b:2"]}, "task": {"type": "worker", "index": 1}}')
     trial = optuna.create_study(direction="maximize").ask()
     assert runner.run_trial(trial, spec, str(tmp_path / "sweep"), {}, poll_seconds=0.05) == 1.25
     assert os.path.exists(tmp_path / "sweep" / "trial-0000" / runner.METRICS_FILE)

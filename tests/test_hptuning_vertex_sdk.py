@@ -285,3 +285,15 @@ def test_v1beta1_settings_are_read_or_refused_by_name(tmp_path):
         load(transfer_learning_config=bs.TransferLearningConfig(prior_study_names=["projects/1/studies/2"]))
     with pytest.raises(UserError, match="studySpec.convexStopConfig.minNumSteps: not supported"):
         load(convex_stop_config=bs.ConvexStopConfig(min_num_steps=10))
+
+
+def test_our_sampler_beside_an_sdk_dump_that_chose_no_algorithm(tmp_path):
+    unchosen = sdk_study()
+    unchosen.algorithm = S.Algorithm.ALGORITHM_UNSPECIFIED
+    document = type(sdk_job()).to_dict(sdk_job(unchosen))
+    assert document["study_spec"]["algorithm"] == 0  # to_dict writes the zero
+    spec = spec_lib.load(write(tmp_path, {**document, "sampler": {"type": "tpe", "seed": 1}}))
+    assert spec.sampler == {"type": "tpe", "seed": 1}
+    chosen = type(sdk_job()).to_dict(sdk_job())  # RANDOM_SEARCH
+    with pytest.raises(UserError, match="give studySpec.algorithm or sampler, not both"):
+        spec_lib.load(write(tmp_path, {**chosen, "sampler": "tpe"}))

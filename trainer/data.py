@@ -6,7 +6,9 @@ the first step scan() reads every record once: a label outside
 read or decoded is left out of training and evaluation and counted.
 """
 
+import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import io
 import json
@@ -27,6 +29,7 @@ class Scan:
     keys: np.ndarray  # usable records, in source order
     total: int  # records in the source, usable or not
     corrupt: tuple  # locations of records that could not be read or decoded
+    corrupt_keys: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros([0], np.int64))  # their keys
 
 
 def _tfrecord_records(source, shuffle_seed=None):
@@ -98,7 +101,8 @@ def scan(source, num_classes, fmt, max_corrupt_fraction):
         )
     decodable = _decodable_keys(source, fmt)
     usable = np.isin(all_keys, decodable)
-    result = Scan(all_keys[usable], len(all_keys), tuple(source.locate(k) for k in all_keys[~usable]))
+    bad = all_keys[~usable]
+    result = Scan(all_keys[usable], len(all_keys), tuple(source.locate(k) for k in bad), bad)
     _check_usable(source, result, max_corrupt_fraction)
     return result
 
@@ -124,24 +128,50 @@ def scan_cached(source, num_classes, fmt, max_corrupt_fraction, cache_dir):
     """
     if not cache_dir:
         return scan(source, num_classes, fmt, max_corrupt_fraction)
-    path = os.path.join(cache_dir, f"scan-{_fingerprint(source, fmt, num_classes)}.npz")
-    if files.exists(path):
-        with files.open_file(path, "rb") as f:
-            saved = np.load(io.BytesIO(f.read()), allow_pickle=False)
-            result = Scan(saved["keys"], int(saved["total"]), tuple(str(c) for c in saved["corrupt"]))
-        _check_usable(source, result, max_corrupt_fraction)  # this run's --max_corrupt_fraction
-        cli.say(f"--{source.flag}: the scan of an earlier run on the same data, from {path}")
-        return result
-    result = scan(source, num_classes, fmt, max_corrupt_fraction)
-    buffer = io.BytesIO()
-    np.savez(buffer, keys=result.keys, total=result.total, corrupt=np.array(result.corrupt, dtype=str))
     files.makedirs(cache_dir)
-    files.write_atomic(path, buffer.getvalue())
+    path = os.path.join(cache_dir, f"scan-{_fingerprint(source, fmt, num_classes)}.npz")
+    with _scan_lock(path):  # trials started together: one scans, the others wait and read its result
+        result = _read_scan(source, path)
+        if result is None:
+            result = scan(source, num_classes, fmt, max_corrupt_fraction)
+            buffer = io.BytesIO()
+            np.savez(buffer, keys=result.keys, total=result.total, corrupt_keys=result.corrupt_keys)
+            files.write_atomic(path, buffer.getvalue())
+            return result
+    _check_usable(source, result, max_corrupt_fraction)  # this run's --max_corrupt_fraction
+    cli.say(f"--{source.flag}: the scan of an earlier run on the same data, from {path}")
     return result
 
 
+def _read_scan(source, path):
+    """The Scan kept at path, or None when there is none (or it cannot be read: then it is made again)."""
+    if not files.exists(path):
+        return None
+    try:
+        with files.open_file(path, "rb") as f:
+            saved = np.load(io.BytesIO(f.read()), allow_pickle=False)
+            keys, total, corrupt_keys = saved["keys"], int(saved["total"]), saved["corrupt_keys"]
+    except (OSError, ValueError, KeyError):
+        return None
+    return Scan(keys, total, tuple(source.locate(k) for k in corrupt_keys), corrupt_keys)
+
+
+@contextlib.contextmanager
+def _scan_lock(path):
+    """An exclusive lock beside a local cache file; none for gs:// (trials there may scan twice)."""
+    if files.is_remote(path):
+        yield
+        return
+    with open(f"{path}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+SCAN_VERSION = 1  # bump when what scan() finds, or how it is stored, changes
+
+
 def _fingerprint(source, fmt, num_classes):
-    content = [source.kind, source.files, source.labels, dataclasses.astuple(fmt), num_classes]
+    content = [SCAN_VERSION, source.kind, source.files, source.labels, dataclasses.astuple(fmt), num_classes]
     if source.kind == "tfrecord":
         stats = [tf.io.gfile.stat(name) for name in source.files]
         content.append([(s.length, s.mtime_nsec) for s in stats])
