@@ -49,6 +49,7 @@ class Progress:
                 storage_lib.retry_callback()(study, trial)
             error = trial.user_attrs.get(runner.USER_ERROR)
             if error and self.user_error is None:
+                runner.ABANDON.set()  # the trials running beside it stop now, not when they finish
                 self.user_error = (f"{error.removeprefix('error:').strip()} (trial {trial.number}'s trainer; every "
                                    f"trial would repeat it, so the study stopped: fix it and run the same command "
                                    f"again)")
@@ -92,6 +93,7 @@ def run_study(spec, job_dir, storage_url, study_name, heartbeat_interval=60, pol
     Raises UserError with the trainer's own `error:` line when a trial met a
     mistake every trial would repeat (a data path that does not exist).
     """
+    runner.ABANDON.clear()
     sampler = algorithms.make_sampler(spec.sampler, spec.parameters)
     pruner = algorithms.make_pruner(spec.early_stopping)
     os.makedirs(job_dir, exist_ok=True)

@@ -36,6 +36,10 @@ _PR_SET_PDEATHSIG = 1
 # trainer and is marked interrupted, to run again when the study resumes.
 STOP = threading.Event()
 INTERRUPTED = "interrupted: the study driver was stopped; the trial runs again when the study resumes"
+# Set when another trial met a user error every trial would repeat: the trials running beside it
+# stop their trainers too, and run again when the study resumes.
+ABANDON = threading.Event()
+ABANDONED = "stopped: another trial met a user error; the trial runs again when the study resumes"
 
 
 # Set on a trial whose trainer exited with a user mistake every trial shares (status 2, its `error:` line):
@@ -195,6 +199,11 @@ def run_trial(trial, spec, job_dir, params, poll_seconds):
             while not finished:
                 if STOP.is_set():
                     raise KeyboardInterrupt
+                if ABANDON.is_set():
+                    _stop(proc)
+                    trial.set_user_attr("interrupted", True)
+                    trial.set_user_attr("failure", ABANDONED)
+                    raise TrialFailed(ABANDONED)
                 finished = _wait(proc, poll_seconds)
                 pending = collections.deque(reader.new_values())
                 while pending:

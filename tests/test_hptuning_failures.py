@@ -121,3 +121,18 @@ def test_a_trial_stopped_more_often_than_it_may_be_retried_counts_as_failed():
         study.add_trial(trial)
     assert [number for number, _ in storage.requeue_stopped(study)] == [0]  # only the first runs again
     assert [t.number for t in outputs.unretried_failures(study.get_trials())] == [1]
+
+
+def test_a_user_error_stops_the_trials_running_beside_it_and_they_run_again(tmp_path):
+    config = write_config(tmp_path, max_trial_count=2, parallel_trial_count=2)
+    job_dir = str(tmp_path / "sweep")
+    # Trial 1 would train for a minute; trial 0's user error stops it now, not when it finishes.
+    result = run_driver(config, job_dir, env=driver_env(FAKE_USER_ERROR="0", FAKE_BLOCK="1"))
+    assert result.returncode == 2
+    assert_one_error_line(result, "trial 0's trainer")
+    trials = trials_by_number(job_dir)
+    assert [t["state"] for t in trials.values()] == ["FAIL", "FAIL"]
+    assert trials[1]["failure"].startswith("stopped: another trial met a user error")
+    again = run_driver(config, job_dir)
+    assert again.returncode == 0, again.stderr
+    assert sum(t["state"] == "COMPLETE" for t in trials_by_number(job_dir).values()) == 2
