@@ -6,7 +6,8 @@
     JOB_DIR/config.json     the resolved flags
     JOB_DIR/metrics.json    every evaluation and the best
     JOB_DIR/labels.txt      class names in label order
-    the hypertune metrics file: $CLOUD_ML_HP_METRIC_FILE, else /tmp/hypertune/output.metrics
+    the hypertune metrics file: $CLOUD_ML_HP_METRIC_FILE, else /tmp/hypertune/output.metrics,
+                            started afresh by each run
 
 Vertex AI's AIP_* variables win where set. Only the chief of several
 processes writes the job-dir; the others write their checkpoints and
@@ -55,6 +56,10 @@ def open_run_dir(job_dir, is_chief, worker_index=0, environ=os.environ):
                      environ.get("CLOUD_ML_HP_METRIC_FILE", HYPERTUNE_FILE_DEFAULT))
     for folder, flag in ((job_dir, "--job-dir"), (checkpoints, "the checkpoints folder"), (run_dir.logs, "the logs folder")):
         _check_writable(folder, flag)
+    if "CLOUD_ML_HP_METRIC_FILE" not in environ:
+        # No platform reads this run's lines from a file it named: start the default one afresh, as
+        # the hypertune library does, rather than append to every earlier run's lines.
+        files.remove(run_dir.hypertune_file)
     return run_dir
 
 
