@@ -209,4 +209,19 @@ def test_a_folder_without_a_model_or_a_taken_port_is_one_error_line(model_dir, t
 
 def test_help_shows_usage_an_example_and_the_flags_by_group(capsys):
     result = run_main(serve.main, ["--help"], capsys)
-    assert_tool_help(result, "trainer.serve", ("model", "server", "batching"), "model_dir", 8501)
+    assert_tool_help(result, "trainer.serve", ("model", "server", "batching"), None, 8501)
+    assert "unless $AIP_STORAGE_URI names it" in " ".join(result.stdout.split())
+
+
+def test_vertex_ai_prediction_names_the_model_by_aip_storage_uri(model_dir):
+    serve.FLAGS.unparse_flags()
+    serve.FLAGS(["serve", "--host=127.0.0.1", "--port=0"])  # no --model_dir: the platform names the artifacts
+    model, server = serve._start(serve.FLAGS, {"AIP_STORAGE_URI": model_dir})
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        assert model.class_names == tuple(NAMES)
+        status, body = request(server.server_address[1], "GET", "/v1/models/model")
+        assert status == 200 and body["model_version_status"][0]["state"] == "AVAILABLE"
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -35,8 +35,8 @@ from trainer.serving import inference
 from trainer.serving.rest import BadRequest, model_status, parse_body
 
 FLAGS_TABLE = (
-    Flag("model_dir", "string", None, "Exported SavedModel (the model/ folder of a job-dir), local or gs://.",
-         "model", required=True),
+    Flag("model_dir", "string", None, "Exported SavedModel (the model/ folder of a job-dir), local or gs://. "
+         "Required, unless $AIP_STORAGE_URI names it (Vertex AI prediction).", "model"),
     Flag("model_name", "string", "model", "The <name> in /v1/models/<name>.", "model"),
     Flag("port", "integer", 8501, "TCP port; $AIP_HTTP_PORT when this flag is not given; 0 picks a free one.",
          "server"),
@@ -246,9 +246,14 @@ def make_server(model, host, port, model_name, max_body_bytes, max_batch_size, b
     return server
 
 
-def _check(values):
+def _model_dir(values, environ):
+    """--model_dir, else the artifact folder Vertex AI's prediction service names."""
+    return values.model_dir or environ.get("AIP_STORAGE_URI") or None
+
+
+def _check(values, environ):
     """Raises UserError for the first bad value, every missing required flag named together."""
-    cli.require(cli.missing_flags(values, FLAGS_TABLE), "the model/ folder of a job-dir; see --help")
+    cli.require([] if _model_dir(values, environ) else ["model_dir"], "the model/ folder of a job-dir; see --help")
     cli.check_choices(values, FLAGS_TABLE)
     if not 0 <= values.port <= 65535:
         raise UserError(f"--port={values.port} must lie in [0, 65535]")
@@ -263,12 +268,12 @@ def _check(values):
 
 def _start(values, environ):
     """(model, listening server) for the checked flags; UserError for a bad model folder or port."""
-    _check(values)
+    _check(values, environ)
     port = values.port
     if not values["port"].present and environ.get("AIP_HTTP_PORT", "").isdigit():
         port = int(environ["AIP_HTTP_PORT"])
     cli.import_tensorflow_quietly()
-    model = inference.load(values.model_dir)
+    model = inference.load(_model_dir(values, environ))
     try:
         server = make_server(model, values.host, port, values.model_name, values.max_body_bytes,
                              values.max_batch_size, values.batch_timeout_ms)
