@@ -121,8 +121,16 @@ def validate(config):
             value = getattr(c, flag.name)
             _require(value in flag.choices, flag.name, f"must be one of {', '.join(flag.choices)} (got {value!r})")
     _require(c.num_classes >= 2, "num_classes", f"must be at least 2 (got {c.num_classes})")
-    _require(c.max_steps > 0, "max_steps", f"must be a positive number of steps (got {c.max_steps})")
-    for name in ("train_batch_size", "eval_batch_size", "eval_frequency", "log_frequency"):
+    if (c.max_steps is None) == (not c.num_epochs):
+        raise UserError("give exactly one of --max_steps and --num_epochs" if c.max_steps is not None
+                        else "--max_steps or --num_epochs is required (see --help)")
+    _require(c.max_steps is None or c.max_steps > 0, "max_steps", f"must be a positive number of steps (got {c.max_steps})")
+    _require(c.num_epochs >= 0 and math.isfinite(c.num_epochs), "num_epochs", f"must be positive (got {c.num_epochs})")
+    _require(parse_frequency(c.eval_frequency) is not None, "eval_frequency",
+             f"must be a positive number of steps, or of epochs with an e suffix like '1e' (got {c.eval_frequency!r})")
+    _require(c.max_training_time == "" or duration_seconds(c.max_training_time) is not None, "max_training_time",
+             f"must be a duration like '90m', '2h', '45s', or a number of hours (got {c.max_training_time!r})")
+    for name in ("train_batch_size", "eval_batch_size", "log_frequency", "max_to_keep"):
         _require(getattr(c, name) > 0, name, f"must be positive (got {getattr(c, name)})")
     _require(c.num_eval_images >= 0, "num_eval_images", f"must be 0 (all) or positive (got {c.num_eval_images})")
     backbone = BACKBONES[c.model_type]
@@ -141,18 +149,39 @@ def validate(config):
         except ValueError:
             ok = False
         _require(ok, "multi_label_threshold", f"must be 'auto' or a probability in (0, 1) (got {c.multi_label_threshold!r})")
-    for name in ("initial_learning_rate", "warmup_learning_rate", "weight_decay", "label_smoothing",
-                 "random_crop_min_area", "max_corrupt_fraction"):
-        _require(math.isfinite(getattr(c, name)), name, f"must be a finite number (got {getattr(c, name)})")
+    for flag in schema.config_flags():
+        if flag.kind == "float":
+            value = getattr(c, flag.name)
+            _require(math.isfinite(value), flag.name, f"must be a finite number (got {value})")
+    for name in ("warmup_steps", "freeze_backbone_steps", "early_stopping_patience", "randaugment_magnitude",
+                 "mixup_alpha", "cutmix_alpha", "early_stopping_min_delta", "ema_decay", "random_erasing",
+                 "max_batch_fraction", "decay_power", "end_learning_rate"):
+        _require(getattr(c, name) >= 0, name, f"must be >= 0 (got {getattr(c, name)})")
+    for name in ("ema_decay", "random_erasing", "max_batch_fraction"):
+        _require(getattr(c, name) < 1, name, f"must be in [0, 1) (got {getattr(c, name)})")
+    _require(0 < c.randaugment_magnitude <= 1, "randaugment_magnitude", f"must be in (0, 1] (got {c.randaugment_magnitude})")
+    _require(0 < c.ohem_top_ratio <= 1, "ohem_top_ratio", f"must be in (0, 1] (got {c.ohem_top_ratio})")
     _require(c.initial_learning_rate > 0, "initial_learning_rate", f"must be positive (got {c.initial_learning_rate})")
     _require(c.warmup_learning_rate >= 0, "warmup_learning_rate", f"must be >= 0 (got {c.warmup_learning_rate})")
-    _require(0 <= c.warmup_steps < c.max_steps, "warmup_steps", f"must be in [0, max_steps={c.max_steps}) (got {c.warmup_steps})")
+    if c.max_steps is not None:
+        _require_steps_fit(c)
     _require(0 <= c.label_smoothing < 1, "label_smoothing", f"must be in [0, 1) (got {c.label_smoothing})")
     _require(c.weight_decay >= 0, "weight_decay", f"must be >= 0 (got {c.weight_decay})")
-    _require(0 < c.random_crop_min_area <= 1, "random_crop_min_area", f"must be in (0, 1] (got {c.random_crop_min_area})")
+    _require(0 <= c.random_crop_min_area <= 1, "random_crop_min_area", f"must be in (0, 1], or 0 for the task's default "
+             f"(got {c.random_crop_min_area})")
     _require(0 <= c.max_corrupt_fraction <= 1, "max_corrupt_fraction", f"must be in [0, 1] (got {c.max_corrupt_fraction})")
     if c.learning_rate_decay_type == "stepwise":
         _validate_stepwise(c)
+    if c.learning_rate_decay_type == "exponential":
+        _require(c.decay_epochs > 0, "decay_epochs", f"must be positive (got {c.decay_epochs})")
+        _require(0 < c.decay_factor <= 1, "decay_factor", f"must be in (0, 1] (got {c.decay_factor})")
+    if c.learning_rate_decay_type == "strategy":
+        _require(c.learning_rate_strategy, "learning_rate_strategy", "is required by --learning_rate_decay_type=strategy")
+        from trainer import schedules  # Keras-free at import
+
+        schedules.parse_strategy(c.learning_rate_strategy)  # a bad segment is named here, before TensorFlow loads
+    elif c.learning_rate_strategy:
+        raise UserError("--learning_rate_strategy needs --learning_rate_decay_type=strategy")
     if c.pretrained_checkpoint_path == "imagenet" and not backbone.imagenet:
         families = ", ".join(sorted({f"{b.family}-*" for b in BACKBONES.values() if b.imagenet}))
         raise UserError(f"--pretrained_checkpoint_path=imagenet: Keras provides ImageNet weights for {families} only; "
@@ -182,6 +211,51 @@ def _validate_stepwise(c):
     _require(list(steps) == sorted(set(steps)) and steps[0] > 0, "stepwise_learning_rate_steps",
              f"must be positive and strictly increasing (got {','.join(map(str, steps))})")
     _require(all(level > 0 for level in levels), "stepwise_learning_rate_levels", "must all be positive")
+
+
+def _require_steps_fit(c):
+    _require(0 <= c.warmup_steps < c.max_steps, "warmup_steps", f"must be in [0, max_steps={c.max_steps}) (got {c.warmup_steps})")
+    _require(c.freeze_backbone_steps < c.max_steps, "freeze_backbone_steps",
+             f"must be below max_steps={c.max_steps} (got {c.freeze_backbone_steps})")
+
+
+def parse_frequency(text):
+    """'1000' -> (1000, 'steps'); '0.5e' -> (0.5, 'epochs'); None when it is neither."""
+    text = str(text).strip().lower()
+    epochs = text.endswith("e")
+    try:
+        value = float(text[:-1]) if epochs else int(text)
+    except ValueError:
+        return None
+    if not (math.isfinite(value) and value > 0):
+        return None
+    return value, "epochs" if epochs else "steps"
+
+
+_SECONDS = {"s": 1, "m": 60, "h": 3600}
+
+
+def duration_seconds(text):
+    """'90m' -> 5400.0; '2h', '45s'; a bare number is hours (ModelArts' unit). None when it is none of these."""
+    text = str(text).strip().lower()
+    unit = _SECONDS.get(text[-1:], None)
+    try:
+        value = float(text[:-1] if unit else text) * (unit or 3600)
+    except ValueError:
+        return None
+    return value if math.isfinite(value) and value > 0 else None
+
+
+def resolve(c, training_images, batch_size):
+    """The Config with what depends on the data made concrete: the training batch (the data layer may have
+    lowered it), max_steps from --num_epochs, and eval_frequency as a number of steps (an int)."""
+    steps_per_epoch = max(1, training_images // batch_size)
+    max_steps = c.max_steps or max(1, round(c.num_epochs * steps_per_epoch))
+    value, unit = parse_frequency(c.eval_frequency)
+    eval_steps = max(1, round(value * steps_per_epoch)) if unit == "epochs" else int(value)
+    resolved = dataclasses.replace(c, train_batch_size=batch_size, max_steps=max_steps, eval_frequency=eval_steps)
+    _require_steps_fit(resolved)
+    return resolved
 
 
 def _require(ok, flag, message):

@@ -17,14 +17,16 @@ from trainer.tasks import TASKS
 GROUPS = ("data", "model", "optimisation", "evaluation", "outputs", "distribution")
 # What --help says under a group's name: where its settings come from besides flags.
 GROUP_NOTES = (
-    ("distribution", "No flags: data parallelism starts from the environment. Several local GPUs are used at "
+    ("distribution", "Data parallelism starts from the environment. Several local GPUs are used at "
                      "once; several processes form one cluster when TF_CONFIG or Vertex AI's CLUSTER_SPEC names "
                      "them (process 0 writes the job-dir). --train_batch_size is the global batch."),
     ("outputs", "Vertex AI's AIP_MODEL_DIR, AIP_CHECKPOINT_DIR and AIP_TENSORBOARD_LOG_DIR replace model/, "
                 "checkpoints/ and logs/ when set; CLOUD_ML_HP_METRIC_FILE names the hypertune metrics file."),
 )
 OPTIMIZERS = ("momentum", "adam", "rmsprop")
-DECAY_TYPES = ("cosine", "stepwise")
+DECAY_TYPES = ("cosine", "stepwise", "exponential", "polynomial", "strategy")
+AUGMENTATIONS = ("basic", "randaugment", "augmix", "none")
+CLASS_BALANCING = ("none", "weights", "sampler")
 
 
 def _flag(name, kind, default, help, group, **kwargs):  # noqa: A002 - the Flag field's name
@@ -52,8 +54,25 @@ TRAINER_FLAGS = (
           "run on the same data skips the scan. The study driver gives its trials one.", "data"),
     _flag("random_flip", "boolean", True, "Flip training images left-right at random (turn off for text or digits).",
           "data", tunable=True),
-    _flag("random_crop_min_area", "float", 0.08, "Smallest fraction of an image a random training crop keeps.",
+    _flag("random_crop_min_area", "float", 0.0, "Smallest fraction of an image a random training crop keeps; 0 = "
+          "the task's default: " + ", ".join(f"{t.name} {t.crop_min_area:g}" for t in TASKS.values()) + " (1 = no "
+          "crop: the whole image, resized).", "data", tunable=True),
+    _flag("augmentation", "string", "basic", "basic: random crop and flip; randaugment and augmix: Keras's "
+          "RandAugment or AugMix after them; none: the whole image, resized.", "data", choices=AUGMENTATIONS,
+          tunable=True),
+    _flag("randaugment_magnitude", "float", 0.5, "--augmentation=randaugment: strength of each operation, in (0, 1].",
           "data", tunable=True),
+    _flag("mixup_alpha", "float", 0.0, "MixUp: blend pairs of images and their labels by a Beta(alpha, alpha) "
+          "draw; 0 = off. With --cutmix_alpha as well, batches alternate between the two.", "data", tunable=True),
+    _flag("cutmix_alpha", "float", 0.0, "CutMix: paste a patch of another image, labels mixed by its area; 0 = off.",
+          "data", tunable=True),
+    _flag("random_erasing", "float", 0.0, "Probability of erasing a random rectangle of a training image.", "data",
+          tunable=True),
+    _flag("class_balancing", "string", "none", "weights: weight each image's loss by the inverse frequency of its "
+          "class; sampler: draw every class equally often into each batch.", "data", choices=CLASS_BALANCING,
+          fingerprint=True, tunable=True),
+    _flag("max_batch_fraction", "float", 0.1, "Lower --train_batch_size, with a note, when it exceeds this "
+          "fraction of the training images; 0 = never.", "data"),
     # model
     _flag("model_type", "string", "efficientnet-b0", "The backbone, built offline (nothing is downloaded). Each "
           "was designed for 224-pixel images except " + ", ".join(
@@ -66,18 +85,29 @@ TRAINER_FLAGS = (
           "them).", "model", tunable=True),
     _flag("precision", "string", "float32", "Compute precision.", "model",
           choices=("float32", "mixed_bfloat16", "mixed_float16"), tunable=True),
+    _flag("ema_decay", "float", 0.0, "Keep an exponential moving average of the weights with this decay (e.g. "
+          "0.999) and evaluate, choose the best and export with it; 0 = off.", "model", fingerprint=True, tunable=True),
+    _flag("freeze_backbone_steps", "integer", 0, "Train only the head for this many steps, then every layer "
+          "(fine-tuning from --pretrained_checkpoint_path).", "model", tunable=True),
     _flag("backend", "string", "tensorflow", "Keras backend; when not given, $KERAS_BACKEND if set.", "model",
           choices=("tensorflow", "jax")),
     # optimisation
-    _flag("max_steps", "integer", None, "Training steps (batches).", "optimisation", required=True, tunable=True),
+    _flag("max_steps", "integer", None, "Training steps (batches); give this or --num_epochs.", "optimisation",
+          tunable=True),
+    _flag("num_epochs", "float", 0.0, "Passes over the training images, instead of --max_steps.", "optimisation",
+          tunable=True),
+    _flag("max_training_time", "string", "", "Time budget: '90m', '2h', '45s', or a number of hours. When it is "
+          "spent the run finishes its step, evaluates, exports the best and exits 0.", "optimisation"),
     _flag("train_batch_size", "integer", 32, "Images per training step (over every device).", "optimisation",
           fingerprint=True, tunable=True),
     _flag("optimizer_type", "string", "momentum", "momentum is SGD with momentum 0.9 unless --optimizer_arguments "
           "says otherwise.", "optimisation", choices=OPTIMIZERS, fingerprint=True, tunable=True),
     _flag("optimizer_arguments", "pairs", "", "name=value pairs for the optimizer, e.g. "
           "'momentum=0.9,nesterov=true'.", "optimisation", fingerprint=True, tunable=True),
-    _flag("learning_rate_decay_type", "string", "cosine", "cosine: to 0 at --max_steps; stepwise: "
-          "--stepwise_learning_rate_steps and _levels.", "optimisation", choices=DECAY_TYPES, tunable=True),
+    _flag("learning_rate_decay_type", "string", "cosine", "cosine: to 0 at the last step; stepwise: "
+          "--stepwise_learning_rate_steps and _levels; exponential: times --decay_factor every --decay_epochs; "
+          "polynomial: to --end_learning_rate with --decay_power; strategy: --learning_rate_strategy.",
+          "optimisation", choices=DECAY_TYPES, tunable=True),
     _flag("initial_learning_rate", "float", 0.0001, "Learning rate after warmup (cosine starts its decay from it).",
           "optimisation", tunable=True),
     _flag("warmup_learning_rate", "float", 0.0, "Learning rate at step 0; rises linearly to initial_learning_rate "
@@ -87,14 +117,34 @@ TRAINER_FLAGS = (
           "changes.", "optimisation", tunable=True),
     _flag("stepwise_learning_rate_levels", "float_list", "0.008,0.0008", "Stepwise decay: the learning rate from "
           "each of those steps on.", "optimisation", tunable=True),
+    _flag("decay_epochs", "float", 2.0, "exponential: epochs between two multiplications by --decay_factor.",
+          "optimisation", tunable=True),
+    _flag("decay_factor", "float", 0.94, "exponential: the factor applied every --decay_epochs.", "optimisation",
+          tunable=True),
+    _flag("staircase", "boolean", False, "exponential: change the rate in steps every --decay_epochs instead of "
+          "continuously.", "optimisation", tunable=True),
+    _flag("decay_power", "float", 1.0, "polynomial: the power of the decay (1 = linear).", "optimisation",
+          tunable=True),
+    _flag("end_learning_rate", "float", 0.0, "polynomial: the rate at the last step; 0 = initial/1000.",
+          "optimisation", tunable=True),
+    _flag("learning_rate_strategy", "string", "", "strategy: segments 'END:RATE' (constant) or "
+          "'END:FROM->TO' (linear), '=>' (exponential), '~>' (cosine), END in epochs, comma-separated, e.g. "
+          "'5:0.1->0.4,10:0.4=>0.8,15:0.8~>0.001,20:0.001'. The last rate holds after the last END.",
+          "optimisation", tunable=True),
     _flag("weight_decay", "float", 0.0001, "loss = task loss + weight_decay * sum(w**2)/2 over conv and dense "
           "kernels.", "optimisation", tunable=True),
     _flag("label_smoothing", "float", 0.0, "Label smoothing in [0, 1).", "optimisation", tunable=True),
+    _flag("ohem_top_ratio", "float", 1.0, "Online hard example mining: average the loss over only this fraction "
+          "of each batch, its hardest images; 1 = all.", "optimisation", tunable=True),
     _flag("seed", "integer", 42, "Seed for initialisation, shuffling and augmentation.", "optimisation",
           fingerprint=True, tunable=True),
     # evaluation
-    _flag("eval_frequency", "integer", 1000, "Steps between evaluations; one always runs at max_steps.",
-          "evaluation"),
+    _flag("eval_frequency", "string", "1000", "Steps between evaluations, or epochs with an e suffix ('1e', "
+          "'0.5e'); one always runs at the last step.", "evaluation"),
+    _flag("early_stopping_patience", "integer", 0, "Stop after this many evaluations without an improvement of "
+          "the tuned metric by more than --early_stopping_min_delta; 0 = never.", "evaluation", tunable=True),
+    _flag("early_stopping_min_delta", "float", 0.0, "The smallest change of the tuned metric that counts as an "
+          "improvement.", "evaluation"),
     _flag("eval_batch_size", "integer", 32, "Images per evaluation batch.", "evaluation"),
     _flag("num_eval_images", "integer", 0, "Validation images per evaluation (a seeded draw); 0 = all.",
           "evaluation"),
@@ -107,6 +157,11 @@ TRAINER_FLAGS = (
     # outputs
     *JOB_DIR_FLAGS,
     _flag("log_frequency", "integer", 100, "Steps between progress lines.", "outputs"),
+    _flag("max_to_keep", "integer", 5, "Step checkpoints kept (the oldest are removed; the best evaluation's "
+          "weights are always kept).", "outputs"),
+    # distribution
+    _flag("sync_batch_norm", "boolean", False, "Batch-norm statistics over the global batch on several devices "
+          "(instead of each device's share).", "distribution", tunable=True),
 )
 
 # Flags that are not Config fields: where the run writes is not part of what it is.

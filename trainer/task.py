@@ -20,7 +20,7 @@ cli.define(schema.TRAINER_FLAGS, FLAGS)
 
 PROGRAM = cli.Program(
     usage="python -m trainer.task --training_data_path=... --validation_data_path=... --num_classes=N "
-          "--max_steps=N --job-dir=DIR [--flag=value ...]",
+          "(--max_steps=N | --num_epochs=N) --job-dir=DIR [--flag=value ...]",
     summary="Trains an image classifier on your images, evaluates it every --eval_frequency steps, and exports "
             "the best evaluation as a TensorFlow SavedModel that serves encoded image bytes.",
     example="python -m trainer.task --training_data_path=gs://b/train-* --validation_data_path=gs://b/val-* "
@@ -43,6 +43,8 @@ def config_from_flags(values, environ=os.environ):
 def check_required(values, environ=os.environ):
     """Every missing required flag, the job-dir included, in one error; returns the job-dir."""
     missing = cli.missing_flags(values, schema.TRAINER_FLAGS)
+    if values["max_steps"].value is None and not values["num_epochs"].value:
+        missing.append("max_steps (or --num_epochs)")
     job_dir = cli.given_job_dir(values, environ)
     cli.require(missing + (["job-dir"] if job_dir is None else []))
     return job_dir

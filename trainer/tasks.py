@@ -27,6 +27,9 @@ class Task:
     probabilities: Callable  # logits tensor (float32 or float64) -> probabilities tensor
     evaluate: Callable  # (logits [N, C] float64 NumPy, targets [N, C], settings) -> {metric: value, ...}
     export_outputs: Callable  # (logits tensor, class names tensor, evaluation) -> {output: tensor}
+    # The default smallest area a random training crop keeps: a crop that drops most of the image
+    # suits one object per image, but cuts some of a multi-label image's objects out while keeping their labels.
+    crop_min_area: float = 0.08
 
     def metrics_for(self, num_classes):
         """The metrics an evaluation with num_classes classes reports for tuning."""
@@ -152,7 +155,7 @@ MULTI_LABEL = Task(
     metrics=("mAP", "macro_f1", "micro_f1", "macro_precision", "macro_recall", "micro_precision", "micro_recall",
              "exact_match"),
     several_labels=True, target=_multi_hot, head=dense_head, loss=_binary_loss, probabilities=_sigmoid,
-    evaluate=_evaluate_multi_label, export_outputs=_multi_label_outputs,
+    evaluate=_evaluate_multi_label, export_outputs=_multi_label_outputs, crop_min_area=1.0,
 )
 TASKS = {task.name: task for task in (CLASSIFICATION, MULTI_LABEL)}
 
