@@ -288,11 +288,15 @@ class Inputs:
     evaluation: object  # the evaluation batches, the same images every evaluation
     class_names: tuple  # in label order
     summary: dict  # image counts and unreadable images, for metrics.json
+    batch_size: int  # the global training batch (lowered from --train_batch_size when the data is small)
+    training_images: int  # usable training images (an epoch is training_images // batch_size steps)
 
 
 def prepare_inputs(training_path, validation_path, num_classes, task, *, image_key, label_key, label_offset,
                    label_map_path, max_corrupt_fraction, scan_cache_dir, image_size, train_batch_size,
-                   eval_batch_size, num_eval_images, seed, random_crop_min_area, random_flip, start_step):
+                   eval_batch_size, num_eval_images, seed, random_crop_min_area, random_flip, augmentation,
+                   randaugment_magnitude, mixup_alpha, cutmix_alpha, random_erasing, class_balancing,
+                   max_batch_fraction, replicas, start_step):
     """Opens and scans both sources (every bad label or unreadable image is found here, before any step),
     and returns the two datasets with the class names."""
     fmt = RecordFormat(image_key, label_key, label_offset, task.several_labels)
@@ -313,4 +317,4 @@ def prepare_inputs(training_path, validation_path, num_classes, task, *, image_k
         "corrupt_images": {"training": len(train_scan.corrupt), "validation": len(eval_scan.corrupt),
                            "examples": list((train_scan.corrupt + eval_scan.corrupt)[:20])},
     }
-    return Inputs(training, evaluation, names, summary)
+    return Inputs(training, evaluation, names, summary, train_batch_size, len(train_scan.keys))

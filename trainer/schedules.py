@@ -52,7 +52,7 @@ class Schedule(keras.optimizers.schedules.LearningRateSchedule):
         return {"decay_type": self.decay_type, **self.kwargs}
 
 
-def from_config(c):
+def from_config(c, steps_per_epoch):
     """The Schedule a Config asks for (only run() holds the whole Config)."""
     common = dict(
         initial_learning_rate=c.initial_learning_rate,

@@ -14,7 +14,7 @@ import time
 import keras
 import numpy as np
 
-from trainer import checkpoints, cli, data, distribute, export, files, models, report, rundir, schedules
+from trainer import checkpoints, cli, config, data, distribute, export, files, models, report, rundir, schedules
 from trainer.cli import UserError
 from trainer.cluster import cluster_from_env
 from trainer.tasks import TASKS, EvaluationSettings
@@ -41,9 +41,13 @@ def run(c, job_dir):
             label_key=c.label_key, label_offset=c.label_offset, label_map_path=c.label_map_path,
             max_corrupt_fraction=c.max_corrupt_fraction, scan_cache_dir=c.scan_cache_dir, image_size=c.image_size,
             train_batch_size=c.train_batch_size, eval_batch_size=c.eval_batch_size,
-            num_eval_images=c.num_eval_images, seed=c.seed, random_crop_min_area=c.random_crop_min_area,
-            random_flip=c.random_flip, start_step=start_step,
+            num_eval_images=c.num_eval_images, seed=c.seed,
+            random_crop_min_area=c.random_crop_min_area or task.crop_min_area, random_flip=c.random_flip,
+            augmentation=c.augmentation, randaugment_magnitude=c.randaugment_magnitude, mixup_alpha=c.mixup_alpha,
+            cutmix_alpha=c.cutmix_alpha, random_erasing=c.random_erasing, class_balancing=c.class_balancing,
+            max_batch_fraction=c.max_batch_fraction, replicas=replicas, start_step=start_step,
         )
+        c = config.resolve(c, inputs.training_images, inputs.batch_size)
         if out.is_chief:
             files.write_json(out.file("config.json"), {**c.to_dict(), "job_dir": job_dir})
             files.write_atomic(out.file("labels.txt"), "".join(f"{name}\n" for name in inputs.class_names))
@@ -54,7 +58,7 @@ def run(c, job_dir):
                                        imagenet=imagenet, head=task.head)
             if c.pretrained_checkpoint_path and not imagenet:
                 models.load_pretrained(model, c.pretrained_checkpoint_path, c.model_type, c.image_size)
-            optimizer = models.make_optimizer(c.optimizer_type, schedules.from_config(c), c.optimizer_arguments)
+            optimizer = models.make_optimizer(c.optimizer_type, schedules.from_config(c, steps_per_epoch=max(1, inputs.training_images // inputs.batch_size)), c.optimizer_arguments)
             models.compile_model(model, optimizer, task.loss(c.label_smoothing))
             if state:
                 store.restore(model, state)
