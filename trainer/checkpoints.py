@@ -1,7 +1,8 @@
 """checkpoints/: what a resumed run needs, committed atomically by state.json.
 
-    ckpt-STEP.weights.h5      weights and optimizer state (slots, iterations) after STEP batches
-    best-STEP.weights.h5      weights of the best evaluation so far
+    ckpt-STEP.weights.h5      weights and optimizer state (slots, iterations, the weights' average)
+                              after STEP batches; the --max_to_keep newest
+    best-STEP.weights.h5      weights of the best evaluation so far (averaged, with --ema_decay)
     state.json                the commit: step, file names, evaluations, best,
                               and the run fingerprint a resume must match
 
@@ -30,6 +31,7 @@ class Checkpoints:
         """read_folder: the chief's checkpoints (resumed from); write_folder: where this process saves."""
         self.read_folder, self.folder = read_folder, write_folder
         self.fingerprint = {name: _jsonable(getattr(config, name)) for name in schema.fingerprint_fields()}
+        self.max_to_keep = config.max_to_keep
 
     def load_state(self):
         """The committed state ({} when none), refused if it belongs to a different run."""
@@ -71,12 +73,19 @@ class Checkpoints:
         return name
 
     def save(self, model, step, state):
-        """Writes ckpt-STEP files, commits them with `state` and the fingerprint, then removes what no commit names."""
+        """Writes ckpt-STEP files, commits them with `state` and the fingerprint, then removes the step
+        checkpoints beyond the max_to_keep newest and every best-* file but the committed one."""
         weights = f"ckpt-{step}.weights.h5"
         model.save_weights(os.path.join(self.folder, weights))  # the optimizer state too: the model is compiled
         files.write_json(os.path.join(self.folder, "state.json"),
                          {**state, "run": self.fingerprint, "step": step, "weights": weights})
-        keep = {weights, state.get("best_weights")}
-        for name in files.listdir(self.folder):
+        names = files.listdir(self.folder)
+        steps = sorted((int(name[5:-11]) for name in names if _is_step_checkpoint(name)), reverse=True)
+        keep = {f"ckpt-{s}.weights.h5" for s in steps[:self.max_to_keep]} | {weights, state.get("best_weights")}
+        for name in names:
             if name.startswith(("ckpt-", "best-")) and name not in keep:
                 files.remove(os.path.join(self.folder, name))
+
+
+def _is_step_checkpoint(name):
+    return name.startswith("ckpt-") and name.endswith(".weights.h5") and name[5:-11].isdigit()

@@ -7,7 +7,9 @@ EfficientNets keras.applications with weights=None. The model takes uint8
 RGB images and does its own normalisation, so callers never preprocess.
 """
 
+import contextlib
 import functools
+import math
 import os
 import tempfile
 
@@ -102,24 +104,114 @@ def _one_pass_moments(layer, inputs, mask):
     return mean, keras.ops.maximum(mean_of_squares - keras.ops.square(mean), 0.0)
 
 
-def make_optimizer(optimizer_type, learning_rate, optimizer_arguments=()):
-    """momentum (SGD, momentum 0.9 unless given) | adam | rmsprop, with extra constructor arguments."""
+def make_optimizer(optimizer_type, learning_rate, optimizer_arguments=(), ema_decay=0.0, frozen=(), frozen_steps=0):
+    """momentum (SGD, momentum 0.9 unless given) | adam | rmsprop, with extra constructor arguments.
+
+    ema_decay > 0: the optimizer also keeps an exponential moving average of the
+    weights (Keras's use_ema; `averaged_weights` swaps it in).
+    frozen, frozen_steps: these variables get no update for the first frozen_steps
+    steps (their gradients are zeroed), so the optimizer's variables, and a
+    checkpoint's, are the same whether or not a run starts frozen.
+    """
     kwargs = dict(optimizer_arguments)
+    if ema_decay:
+        kwargs.update(use_ema=True, ema_momentum=ema_decay)
     if optimizer_type == "momentum":
         kwargs.setdefault("momentum", 0.9)
-        return keras.optimizers.SGD(learning_rate=learning_rate, **kwargs)
-    if optimizer_type == "adam":
-        return keras.optimizers.Adam(learning_rate=learning_rate, **kwargs)
-    return keras.optimizers.RMSprop(learning_rate=learning_rate, **kwargs)
+    cls = {"momentum": keras.optimizers.SGD, "adam": keras.optimizers.Adam, "rmsprop": keras.optimizers.RMSprop}[optimizer_type]
+    if frozen_steps:
+        cls = _frozen_at_first(cls, {id(v) for v in frozen}, frozen_steps)
+    return cls(learning_rate=learning_rate, **kwargs)
+
+
+def _frozen_at_first(cls, frozen_ids, frozen_steps):
+    """A subclass of optimizer class cls that zeroes the gradients of frozen_ids before step frozen_steps."""
+
+    def apply(self, grads, trainable_variables=None):
+        variables = self._trainable_variables if trainable_variables is None else list(trainable_variables)
+        thawed = keras.ops.greater_equal(self.iterations, frozen_steps)
+        grads = [g if g is None or id(v) not in frozen_ids else g * keras.ops.cast(thawed, g.dtype)
+                 for g, v in zip(grads, variables)]
+        return cls.apply(self, grads, trainable_variables)
+
+    return type(f"HeadFirst{cls.__name__}", (cls,), {"apply": apply})
+
+
+def inner_optimizer(optimizer):
+    """The optimizer that holds the weights' average (under mixed_float16 a loss-scaling one wraps it)."""
+    return getattr(optimizer, "inner_optimizer", optimizer)
+
+
+@contextlib.contextmanager
+def averaged_weights(model):
+    """Inside: the model's trainable weights are the optimizer's moving average (when it keeps one)."""
+    optimizer = inner_optimizer(model.optimizer)
+    if not getattr(optimizer, "use_ema", False) or not optimizer.built:
+        yield
+        return
+    raw = [keras.ops.convert_to_numpy(v) for v in model.trainable_variables]
+    optimizer.finalize_variable_values(model.trainable_variables)  # copies the averages in
+    try:
+        yield
+    finally:
+        for variable, value in zip(model.trainable_variables, raw):
+            variable.assign(value)
+
+
+class HardestFraction(keras.losses.Loss):
+    """Online hard example mining: the mean of the per-image losses of the top_ratio hardest images of a batch.
+
+    The other images' losses are zeroed and the kept ones scaled by B / k, so
+    Keras's mean over the batch (after any sample weights) is the mean of the k kept.
+    """
+
+    def __init__(self, loss, top_ratio):
+        super().__init__(name=f"hardest_{top_ratio:g}_of_{loss.name}")
+        self.loss, self.top_ratio = loss, top_ratio
+
+    def call(self, y_true, y_pred):
+        per_image = self.loss.call(y_true, y_pred)  # [B]
+        batch = per_image.shape[0]
+        if batch is None:  # an unknown batch (a trace without shapes): no selection
+            return per_image
+        k = max(1, math.ceil(self.top_ratio * batch))
+        _, hardest = keras.ops.top_k(per_image, k)
+        keep = keras.ops.sum(keras.ops.one_hot(hardest, batch, dtype=per_image.dtype), axis=0)
+        return per_image * keep * (batch / k)
+
+
+def set_synchronized_batch_norm(model):
+    """Batch-norm statistics over the global batch under a TensorFlow distribution strategy.
+
+    (Under JAX the batch is one array sharded over the devices, so its statistics are global already.)
+    """
+    if keras.backend.backend() != "tensorflow":
+        return
+    for layer in _all_layers(model):
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.synchronized = True
 
 
 def compile_model(model, optimizer, loss, **compile_kwargs):
-    """The training step the trainer runs (and bench/ measures): the task's loss, no metrics.
+    """The training step the trainer runs (and bench/ measures): the task's loss, and its mean as a metric.
 
+    fit's "loss" includes the weight-decay term; "data_loss" is the task's loss
+    alone over the same steps, so a progress line can show the two apart.
     Evaluation metrics are computed apart, exactly, from predictions
-    (tasks.py, metrics.py), so none are compiled in.
+    (tasks.py, metrics.py), so no others are compiled in.
     """
-    model.compile(optimizer=optimizer, loss=loss, **compile_kwargs)
+    model.compile(optimizer=optimizer, loss=loss, metrics=[LossMean(loss)], **compile_kwargs)
+
+
+class LossMean(keras.metrics.Mean):
+    """The mean of a loss over the steps since the last reset, weighted as the training loss is."""
+
+    def __init__(self, loss, name="data_loss", **kwargs):
+        super().__init__(name=name, **kwargs)
+        self.loss = loss
+
+    def update_state(self, y_true, y_pred, sample_weight=None):
+        return super().update_state(self.loss(y_true, y_pred, sample_weight=sample_weight))
 
 
 def add_weight_decay(model, weight_decay):

@@ -51,10 +51,15 @@ def format_duration(seconds):
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
-def progress_line(step, max_steps, loss, learning_rate, images_per_second, eta_seconds):
-    """One self-contained line per report: readable live and in a log file."""
+def progress_line(step, max_steps, data_loss, weight_decay, learning_rate, images_per_second, eta_seconds):
+    """One self-contained line per report: readable live and in a log file.
+
+    The training loss is shown as its two parts: the data's (comparable with an
+    evaluation's loss) and the weight-decay term added to it.
+    """
     width = len(str(max_steps))
+    decay = f" + weight decay {weight_decay:.4f}" if weight_decay else ""
     return (
-        f"step {step:>{width}}/{max_steps}  loss {loss:.4f}  lr {learning_rate:.3g}  "
+        f"step {step:>{width}}/{max_steps}  loss {data_loss:.4f}{decay}  lr {learning_rate:.3g}  "
         f"{images_per_second:,.0f} img/s  eta {format_duration(eta_seconds)}"
     )

@@ -110,8 +110,8 @@ TRAINER_FLAGS = (
           "optimisation", choices=DECAY_TYPES, tunable=True),
     _flag("initial_learning_rate", "float", 0.0001, "Learning rate after warmup (cosine starts its decay from it).",
           "optimisation", tunable=True),
-    _flag("warmup_learning_rate", "float", 0.0, "Learning rate at step 0; rises linearly to initial_learning_rate "
-          "over warmup_steps.", "optimisation", tunable=True),
+    _flag("warmup_learning_rate", "float", 0.0, "Learning rate at step 0; rises linearly over warmup_steps to the "
+          "schedule's rate at warmup_steps (initial_learning_rate, or the strategy's rate there).", "optimisation", tunable=True),
     _flag("warmup_steps", "integer", 0, "Steps of linear warmup.", "optimisation", tunable=True),
     _flag("stepwise_learning_rate_steps", "int_list", "100,200", "Stepwise decay: steps at which the learning rate "
           "changes.", "optimisation", tunable=True),

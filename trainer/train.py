@@ -8,13 +8,13 @@ when the evaluation is the best so far, best-STEP.weights.h5. The SavedModel
 in model/ is exported from the best weights at the end.
 """
 
-import math
 import time
 
 import keras
 import numpy as np
 
-from trainer import checkpoints, cli, config, data, distribute, export, files, models, report, rundir, schedules
+from trainer import checkpoints, cli, data, distribute, export, files, models, report, rundir, schedules
+from trainer import config as config_lib
 from trainer.cli import UserError
 from trainer.cluster import cluster_from_env
 from trainer.tasks import TASKS, EvaluationSettings
@@ -47,7 +47,7 @@ def run(c, job_dir):
             cutmix_alpha=c.cutmix_alpha, random_erasing=c.random_erasing, class_balancing=c.class_balancing,
             max_batch_fraction=c.max_batch_fraction, replicas=replicas, start_step=start_step,
         )
-        c = config.resolve(c, inputs.training_images, inputs.batch_size)
+        c = config_lib.resolve(c, inputs.training_images, inputs.batch_size)
         if out.is_chief:
             files.write_json(out.file("config.json"), {**c.to_dict(), "job_dir": job_dir})
             files.write_atomic(out.file("labels.txt"), "".join(f"{name}\n" for name in inputs.class_names))
@@ -58,13 +58,22 @@ def run(c, job_dir):
                                        imagenet=imagenet, head=task.head)
             if c.pretrained_checkpoint_path and not imagenet:
                 models.load_pretrained(model, c.pretrained_checkpoint_path, c.model_type, c.image_size)
-            optimizer = models.make_optimizer(c.optimizer_type, schedules.from_config(c, steps_per_epoch=max(1, inputs.training_images // inputs.batch_size)), c.optimizer_arguments)
-            models.compile_model(model, optimizer, task.loss(c.label_smoothing))
+            if c.sync_batch_norm:
+                models.set_synchronized_batch_norm(model)
+            schedule = schedules.from_config(c, steps_per_epoch=max(1, inputs.training_images // inputs.batch_size))
+            optimizer = models.make_optimizer(
+                c.optimizer_type, schedule, c.optimizer_arguments, ema_decay=c.ema_decay,
+                frozen=model.get_layer("backbone").trainable_variables, frozen_steps=c.freeze_backbone_steps)
+            loss = task.loss(c.label_smoothing)
+            models.compile_model(model, optimizer, models.HardestFraction(loss, c.ohem_top_ratio)
+                                 if c.ohem_top_ratio < 1 else loss)
             if state:
                 store.restore(model, state)
             distribute.prepare_fit(model, inputs.training.element_spec)
         if start_step:
             cli.say(f"resuming from the checkpoint at step {start_step}")
+        if start_step < c.freeze_backbone_steps:
+            cli.say(f"training the head only until step {c.freeze_backbone_steps} (--freeze_backbone_steps)")
 
         settings = EvaluationSettings(c.multi_label_threshold, inputs.class_names if c.eval_each_category else None)
         reporter = Reporter(
@@ -72,13 +81,17 @@ def run(c, job_dir):
                                                                      task, settings),
             metric=c.metric, summary={"task": c.task, **inputs.summary}, start_step=start_step,
             max_steps=c.max_steps, batch_size=c.train_batch_size, log_frequency=c.log_frequency,
+            eval_frequency=c.eval_frequency,
+            stopping=Stopping(config_lib.duration_seconds(c.max_training_time) if c.max_training_time else None,
+                              c.early_stopping_patience, c.early_stopping_min_delta, c.freeze_backbone_steps),
         )
-        if start_step < c.max_steps:
+        reason = reporter.stopping.reason(reporter.evaluations, reporter.seconds(), c.metric)
+        if reason:
+            cli.say(f"{reason}; nothing left to train")
+        elif start_step < c.max_steps:
             model.fit(
                 inputs.training,
-                steps_per_epoch=c.eval_frequency,
-                initial_epoch=start_step // c.eval_frequency,
-                epochs=start_step // c.eval_frequency + math.ceil((c.max_steps - start_step) / c.eval_frequency),
+                steps_per_epoch=c.max_steps - start_step,  # the Reporter evaluates every eval_frequency steps
                 callbacks=[reporter],
                 shuffle=False,  # the input pipeline shuffles, reproducibly
                 verbose=0,
@@ -114,60 +127,128 @@ def evaluate_model(model, dataset, batch_size, task, settings):
     return task.evaluate(np.concatenate(logits).astype(np.float64), np.concatenate(targets), settings)
 
 
+class Stopping:
+    """When a run ends before max_steps: its time budget is spent, or its tuned metric stopped improving.
+
+    Both are computed from what a checkpoint keeps (the evaluations, the seconds
+    trained), so a resumed run decides as the uninterrupted one would have.
+    """
+
+    def __init__(self, budget_seconds, patience, min_delta, frozen_steps=0):
+        self.budget_seconds, self.patience, self.min_delta = budget_seconds, patience, min_delta
+        self.frozen_steps = frozen_steps
+
+    def out_of_time(self, seconds):
+        return self.budget_seconds is not None and seconds >= self.budget_seconds
+
+    def reason(self, evaluations, seconds, metric):
+        """Why the run should stop now, or None."""
+        if self.out_of_time(seconds):
+            return f"the time budget (--max_training_time, {report.format_duration(self.budget_seconds)}) is spent"
+        stale = evaluations_without_improvement(evaluations, metric, self.min_delta)
+        if self.patience and stale >= self.patience:
+            return (f"{metric} has not improved by more than {self.min_delta:g} for {stale} evaluations "
+                    f"(--early_stopping_patience)")
+        return None
+
+
+def evaluations_without_improvement(evaluations, metric, min_delta):
+    """How many evaluations since the last one that beat every earlier one by more than min_delta."""
+    reference, stale = None, 0
+    for evaluation in evaluations:
+        if reference is None or evaluation[metric] > reference + min_delta:
+            reference, stale = evaluation[metric], 0
+        else:
+            stale += 1
+    return stale
+
+
 class Reporter(keras.callbacks.Callback):
-    """What a run reports while fit runs.
+    """What a run reports and decides while fit runs (one Keras epoch of max_steps - start_step steps).
 
     Every log_frequency steps: a progress line and TensorBoard's training
-    scalars. After every chunk (a Keras epoch of eval_frequency steps): an
-    evaluation, then metrics.json, the hypertune line, TensorBoard, the
-    checkpoint, and the best weights when it is the best so far. A worker that
-    is not the chief writes into its scratch folder and reports nothing.
+    scalars. Every eval_frequency steps, at the last step and when Stopping says
+    so: an evaluation (with the averaged weights when the optimizer keeps an
+    average), then metrics.json, the hypertune line, TensorBoard, the
+    checkpoint, and the best weights when it is the best so far. Evaluations
+    fall on multiples of eval_frequency whatever step a run resumed at. A
+    worker that is not the chief writes into its scratch folder and reports nothing.
     """
 
     def __init__(self, out, store, state, *, evaluate, metric, summary, start_step, max_steps, batch_size,
-                 log_frequency):
+                 log_frequency, eval_frequency, stopping):
         """out: the RunDir; store: the Checkpoints; state: the resumed state ({} on a fresh run)."""
         super().__init__()
-        self.out, self.store, self.evaluate, self.metric = out, store, evaluate, metric
-        self.step, self.max_steps, self.batch_size, self.log_frequency = start_step, max_steps, batch_size, log_frequency
+        self.out, self.store, self.evaluate, self.metric, self.stopping = out, store, evaluate, metric, stopping
+        self.step, self.max_steps, self.batch_size = start_step, max_steps, batch_size
+        self.log_frequency, self.eval_frequency = log_frequency, eval_frequency
         files.makedirs(store.folder)
         self.tensorboard = report.TensorBoard(out.logs if out.is_chief else None)
         self.evaluations = state.get("evaluations", [])
+        self.training_log = state.get("training_log", [])  # {step, loss, data_loss, learning_rate} per progress line
         self.best, self.best_weights = state.get("best"), state.get("best_weights")
         self.summary = {**summary, "run": store.fingerprint}
         self._write_metrics()
-        self.started, self.steps_timed = None, 0
-
-    def on_epoch_begin(self, epoch, logs=None):
-        # Restart the clock after each evaluation so img/s counts training only.
+        self.seconds_before = state.get("seconds", 0.0)  # trained by earlier runs of this job-dir, up to their checkpoint
+        self.run_started = time.monotonic()
         self.started, self.steps_timed = time.perf_counter(), 0
+
+    def seconds(self):
+        """Seconds of training so far, earlier runs of the job-dir included."""
+        return self.seconds_before + time.monotonic() - self.run_started
 
     def on_train_batch_end(self, batch, logs=None):
         # Batches trained, counted here rather than read from optimizer.iterations,
         # which a loss-scaling optimizer does not advance on skipped steps.
         self.step += 1
         self.steps_timed += 1
-        if self.step >= self.max_steps:
-            self.model.stop_training = True
-        if self.step % self.log_frequency and self.step < self.max_steps:
+        if self.step == self.stopping.frozen_steps:
+            cli.say(f"training every layer from step {self.step} on")
+        last = self.step >= self.max_steps
+        out_of_time = self.stopping.out_of_time(self.seconds())
+        due = self.step % self.log_frequency == 0 or last or out_of_time
+        if not due and self.step % self.eval_frequency:
             return
-        loss = float(logs["loss"])  # waits for the step to finish: only every log_frequency steps
+        if hasattr(self.model, "jax_state_sync"):
+            # JAX's fit carries the variables' values apart from the variables: bring them back to
+            # read them, and fit takes what is assigned here (metrics reset, weights restored) onwards.
+            self.model.jax_state_sync()
+        if due:
+            # float() waits for the step: only when a line is due
+            self._progress(float(logs["loss"]), float(logs.get("data_loss", logs["loss"])))
+        if self.step % self.eval_frequency and not last and not out_of_time:
+            return
+        self._evaluate_and_checkpoint()
+        reason = self.stopping.reason(self.evaluations, self.seconds(), self.metric)
+        if reason and not last:
+            cli.say(f"stopping at step {self.step}: {reason}")
+        if reason or last:
+            self.model.stop_training = True
+        # Restart the clock after each evaluation so img/s counts training only.
+        self.started, self.steps_timed = time.perf_counter(), 0
+
+    def _progress(self, loss, data_loss):
+        """The progress line: mean losses since the last line, the data's part and weight decay shown apart."""
         elapsed = time.perf_counter() - self.started
         images_per_second = self.steps_timed * self.batch_size / max(elapsed, 1e-9)
         lr = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
         eta = (self.max_steps - self.step) * self.batch_size / max(images_per_second, 1e-9)
-        cli.say(report.progress_line(self.step, self.max_steps, loss, lr, images_per_second, eta))
-        self.tensorboard.scalars("train", self.step, {"loss": loss, "learning_rate": lr,
+        cli.say(report.progress_line(self.step, self.max_steps, data_loss, loss - data_loss, lr, images_per_second, eta))
+        self.training_log.append({"step": self.step, "loss": loss, "data_loss": data_loss, "learning_rate": lr})
+        self.tensorboard.scalars("train", self.step, {"loss": loss, "data_loss": data_loss, "learning_rate": lr,
                                                       "images_per_second": images_per_second})
+        self.model.reset_metrics()  # the next line's losses are means over its own steps
 
-    def on_epoch_end(self, epoch, logs=None):
+    def _evaluate_and_checkpoint(self):
         step = self.step
-        result = {"step": step, **self.evaluate(self.model)}
-        self.evaluations.append(result)
-        if self.best is None or result[self.metric] > self.best[self.metric]:
-            self.best, self.best_weights = result, self.store.save_best(self.model, step)
+        with models.averaged_weights(self.model):
+            result = {"step": step, **self.evaluate(self.model)}
+            self.evaluations.append(result)
+            if self.best is None or result[self.metric] > self.best[self.metric]:
+                self.best, self.best_weights = result, self.store.save_best(self.model, step)
         self.store.save(self.model, step, {"evaluations": self.evaluations, "best": self.best,
-                                           "best_weights": self.best_weights})
+                                           "best_weights": self.best_weights, "seconds": self.seconds(),
+                                           "training_log": self.training_log})
         self._write_metrics()
         if not self.out.is_chief:
             return
