@@ -21,6 +21,7 @@ import signal
 import socket
 import subprocess
 import threading
+import time
 
 import optuna
 
@@ -194,9 +195,15 @@ def run_trial(trial, spec, job_dir, params, poll_seconds):
         proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, start_new_session=True,
                                 preexec_fn=_die_with_parent if _LIBC else None)
+        started = time.monotonic()
         try:
             finished = False
             while not finished:
+                if spec.trial_timeout and time.monotonic() - started > spec.trial_timeout:
+                    _stop(proc)  # SIGTERM: a built-in trainer saves a checkpoint first; SIGKILL after the grace
+                    reason = f"stopped after {spec.trial_timeout:g} s: longer than trial_timeout"
+                    trial.set_user_attr("failure", reason)
+                    raise TrialFailed(reason)
                 if STOP.is_set():
                     raise KeyboardInterrupt
                 if ABANDON.is_set():

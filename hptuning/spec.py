@@ -26,7 +26,7 @@ SAMPLERS = ("tpe", "random", "grid", "cmaes", "gp")
 EARLY_STOPPING = ("none", "median", "hyperband", "successive_halving")
 GOALS = ("maximize", "minimize")
 MEASUREMENTS = ("best", "last")
-OURS = ("trainer_flags", "flagfile", "sampler", "early_stopping", "trainer_command")
+OURS = ("trainer_flags", "flagfile", "sampler", "early_stopping", "trainer_command", "trial_timeout")
 FLAT_KEYS = ("metric", "goal", "measurement", "parameters", "max_trial_count", "parallel_trial_count",
              "max_failed_trial_count", *OURS)
 BUILTIN_TRAINER = ("-m", "trainer.task")  # after the Python interpreter
@@ -48,6 +48,7 @@ class StudySpec:
     flagfile: str  # absolute path, or ""
     trainer_command: tuple  # argv prefix that runs the trainer
     trainer_env: tuple = ()  # (("NAME", "value"), ...) added to every trial's environment
+    trial_timeout: float = 0.0  # seconds a trial may run before it is stopped and fails; 0 = no limit
 
     def describe(self):
         """What must not change when a study is resumed (stored with the study)."""
@@ -95,7 +96,7 @@ def from_flat(raw):
                    raw.get("max_trial_count"), raw.get("parallel_trial_count", 1),
                    raw.get("max_failed_trial_count", 0), raw.get("sampler", "tpe"),
                    raw.get("early_stopping", "none"), raw.get("trainer_flags") or {},
-                   _command(raw.get("trainer_command")))
+                   _command(raw.get("trainer_command")), timeout=raw.get("trial_timeout"))
 
 
 def from_vertex(raw):
@@ -103,6 +104,7 @@ def from_vertex(raw):
     doc = vertex.normalise(raw, OURS)
     search = vertex.read_study(doc["studySpec"], doc.get("sampler"), doc.get("early_stopping"))
     command, args, env = vertex.trial_job(doc.get("trialJobSpec"))
+    timeout = doc.get("trial_timeout", vertex.trial_timeout(doc.get("trialJobSpec")))
     if command and "trainer_command" in doc:
         raise UserError("give trialJobSpec's command (or pythonModule) or trainer_command, not both")
     command = _command(doc.get("trainer_command", command))
@@ -119,11 +121,11 @@ def from_vertex(raw):
         doc["flagfile"] = flags.pop("flagfile")
     return _finish(doc, search["metric"], search["goal"], search["measurement"], search["parameters"],
                    doc.get("maxTrialCount"), doc.get("parallelTrialCount", 1), doc.get("maxFailedTrialCount", 0),
-                   search["sampler"], search["stopping"], flags, command, env)
+                   search["sampler"], search["stopping"], flags, command, env, timeout)
 
 
 def _finish(raw, metric, goal, measurement, parameters, max_trials, parallel, max_failed, sampler, stopping, flags,
-            command, env=()):
+            command, env=(), timeout=None):
     if goal not in GOALS:
         raise UserError(f"goal: {goal!r}; valid: {', '.join(GOALS)}")
     if measurement not in MEASUREMENTS:
@@ -146,7 +148,21 @@ def _finish(raw, metric, goal, measurement, parameters, max_trials, parallel, ma
         max_failed_trial_count=_count("max_failed_trial_count", max_failed, 0) or DEFAULT_MAX_FAILED,
         sampler=sampler, early_stopping=_settings("early_stopping", stopping, EARLY_STOPPING),
         trainer_flags=tuple((str(k), params_lib.flag_text(v)) for k, v in flags.items()),
-        flagfile=_flagfile(raw.get("flagfile")), trainer_command=command, trainer_env=env)
+        flagfile=_flagfile(raw.get("flagfile")), trainer_command=command, trainer_env=env,
+        trial_timeout=_timeout(timeout))
+
+
+def _timeout(value):
+    """trial_timeout: seconds as a number, or a duration with its unit ('90m', '2h', Vertex's '3600s'); 0 = none."""
+    if value is None:
+        return 0.0
+    from trainer.config import duration_seconds
+
+    seconds = value if isinstance(value, (int, float)) and not isinstance(value, bool) else (
+        duration_seconds(value) if isinstance(value, str) and value.strip()[-1:].lower() in "smh" else None)
+    if seconds is None or not 0 <= seconds < float("inf"):
+        raise UserError(f"trial_timeout: {value!r}; give seconds, or a duration like '90m', '2h' or '3600s'")
+    return float(seconds)
 
 
 def _grid_size(parameters):

@@ -220,6 +220,12 @@ def trial_job(job_spec):
     return command or None, _strings(code.get("args"), f"{where}.args"), tuple(env)
 
 
+def trial_timeout(job_spec):
+    """trialJobSpec.scheduling.timeout ('86400s', or seconds) when the job spec gives one, else None."""
+    scheduling = (job_spec or {}).get("scheduling") or {}
+    return scheduling.get("timeout") if isinstance(scheduling, dict) else None
+
+
 def _mapping(value, where):
     if not isinstance(value, dict):
         raise UserError(f"{where}: expected a mapping, got {type(value).__name__} {value!r}")

@@ -4,6 +4,8 @@ stops the study after one trial with the trainer's own `error:` line, and
 runs again once fixed; a study where every trial fails exits non-zero.
 """
 
+import json
+
 import pytest
 
 from tests.hptuning_helpers import (
@@ -136,3 +138,39 @@ def test_a_user_error_stops_the_trials_running_beside_it_and_they_run_again(tmp_
     again = run_driver(config, job_dir)
     assert again.returncode == 0, again.stderr
     assert sum(t["state"] == "COMPLETE" for t in trials_by_number(job_dir).values()) == 2
+
+
+@pytest.mark.parametrize("timeout, vertex", [("1s", False), ("1s", True)])
+def test_a_trial_past_its_timeout_is_stopped_and_fails_with_the_reason(tmp_path, timeout, vertex):
+    # Trial 0's trainer hangs after its first report; trial_timeout (or Vertex's trialJobSpec.scheduling.timeout)
+    # stops it, the trial fails with the reason, and the study goes on.
+    if vertex:
+        import sys
+
+        from tests.hptuning_helpers import fake_trainer
+
+        config = tmp_path / "vertex.yaml"
+        config.write_text(json.dumps({
+            "studySpec": {"metrics": [{"metricId": "top_1_accuracy", "goal": "MAXIMIZE"}],
+                          "parameters": [{"parameterId": "initial_learning_rate",
+                                          "doubleValueSpec": {"minValue": 0.001, "maxValue": 1.0},
+                                          "scaleType": "UNIT_LOG_SCALE"}]},
+            "maxTrialCount": 2,
+            "trialJobSpec": {"scheduling": {"timeout": timeout},
+                             "workerPoolSpecs": [{"containerSpec": {"imageUri": "x", "command": [sys.executable, fake_trainer(tmp_path)],
+                                                                    "args": ["--max_steps=3"]}}]},
+            "sampler": {"type": "random", "seed": 0}}))
+        config = str(config)
+    else:
+        config = write_config(tmp_path, max_trial_count=2, trial_timeout=timeout)
+    job_dir = str(tmp_path / "sweep")
+    result = run_driver(config, job_dir, env=driver_env(FAKE_BLOCK="0"))
+    assert result.returncode == 0, result.stderr
+    assert _states(job_dir) == {0: "FAIL", 1: "COMPLETE", 2: "COMPLETE"}
+    assert "trial 0 failed: stopped after 1 s: longer than trial_timeout" in result.stdout
+
+
+def test_a_trial_timeout_must_be_a_duration(tmp_path):
+    config = write_config(tmp_path, trial_timeout="soon")
+    result = run_driver(config, str(tmp_path / "sweep"))
+    assert_one_error_line(result, "trial_timeout: 'soon'; give seconds, or a duration like '90m'")

@@ -17,7 +17,18 @@ import threading
 
 
 class UserError(Exception):
-    """A mistake the user can fix; reported as one line, without a traceback."""
+    """A mistake the user can fix; reported as one line, without a traceback, and exit status 2."""
+
+    status = 2
+
+
+class RunStopped(UserError):
+    """A run that ended early for a reason it explains (divergence, a signal): its own exit status,
+    so that a study does not take it for a mistake every trial would repeat."""
+
+    def __init__(self, message, status):
+        super().__init__(message)
+        self.status = status
 
 
 def fail(message, status=2):

@@ -84,7 +84,8 @@ def write_atomic(path, text):
 
 
 def write_json(path, value):
-    write_atomic(path, json.dumps(value, indent=2, sort_keys=True) + "\n")
+    # allow_nan=False: strict JSON, which every parser reads (a NaN must be stopped before it gets here)
+    write_atomic(path, json.dumps(value, indent=2, sort_keys=True, allow_nan=False) + "\n")
 
 
 def read_json(path):

@@ -66,11 +66,10 @@ def main(argv=None):
     # run, which the os._exit below skips: give the run a temporary folder of its own.
     outer, tempfile.tempdir = tempfile.tempdir, tempfile.mkdtemp(prefix="trainer-")
     try:
-        train.run(config, job_dir)
+        with train.stop_on_signals():
+            train.run(config, job_dir)
     except cli.UserError as e:
-        cli.fail(str(e))
-    except KeyboardInterrupt:
-        cli.fail("interrupted; the last checkpoint in checkpoints/ is intact and the run resumes from it")
+        cli.fail(str(e), e.status)
     finally:
         shutil.rmtree(tempfile.tempdir, ignore_errors=True)
         tempfile.tempdir = outer

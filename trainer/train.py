@@ -8,6 +8,10 @@ when the evaluation is the best so far, best-STEP.weights.h5. The SavedModel
 in model/ is exported from the best weights at the end.
 """
 
+import contextlib
+import math
+import signal
+import threading
 import time
 
 import keras
@@ -85,7 +89,7 @@ def run(c, job_dir):
             stopping=Stopping(config_lib.duration_seconds(c.max_training_time) if c.max_training_time else None,
                               c.early_stopping_patience, c.early_stopping_min_delta, c.freeze_backbone_steps),
         )
-        reason = reporter.stopping.reason(reporter.evaluations, reporter.seconds(), c.metric)
+        reason = reporter.stopping.reason(reporter.evaluations, reporter.seconds(), c.metric) if start_step else None
         if reason:
             cli.say(f"{reason}; nothing left to train")
         elif start_step < c.max_steps:
@@ -98,6 +102,10 @@ def run(c, job_dir):
             )
     finally:
         rundir.close_run_dir(out)
+    if reporter.signalled:
+        name = signal.Signals(reporter.signalled).name
+        raise cli.RunStopped(f"stopped by {name} at step {reporter.step}, after saving a checkpoint there; rerun the "
+                             f"same command to resume from step {reporter.step}", 128 + reporter.signalled)
     best = reporter.best
     if best is None:
         raise UserError("no evaluation ran; check --max_steps and --eval_frequency")
@@ -109,6 +117,40 @@ def run(c, job_dir):
                               c.image_size, inputs.class_names, out.model, evaluation=best)
     cli.say(f"{c.metric}={best[c.metric]:.4f}")
     return best[c.metric]
+
+
+# Signals that end a run cleanly, and what the handler has seen while fit runs.
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+_training = threading.Event()
+_requested = []
+
+
+@contextlib.contextmanager
+def stop_on_signals():
+    """SIGTERM (what every platform sends before preempting, and the study driver before stopping a trial)
+    and SIGINT end a run cleanly: while fit runs, the step in flight finishes, a checkpoint is written
+    and run() raises RunStopped with status 128 + the signal; before or after fit, the signal raises
+    RunStopped at once (nothing is lost: every write is atomic). Installing a handler is also what makes
+    SIGTERM reach the trainer as a container's PID 1, which the kernel otherwise shields from it.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handle(signum, frame):
+        if _training.is_set():
+            _requested.append(signum)  # the Reporter stops after the step in flight
+            return
+        raise cli.RunStopped(f"stopped by {signal.Signals(signum).name} before training (or while exporting); "
+                             f"what is committed in the job-dir is intact: rerun the same command", 128 + signum)
+
+    previous = {number: signal.signal(number, handle) for number in _STOP_SIGNALS}
+    _requested.clear()
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
 
 
 def evaluate_model(model, dataset, batch_size, task, settings):
@@ -125,6 +167,9 @@ def evaluate_model(model, dataset, batch_size, task, settings):
         logits.append(keras.ops.convert_to_numpy(model.predict_on_batch(images))[:count])
         targets.append(target)
     return task.evaluate(np.concatenate(logits).astype(np.float64), np.concatenate(targets), settings)
+
+
+DIVERGED_STATUS = 3  # exit status of a run stopped by a NaN or infinite loss
 
 
 class Stopping:
@@ -189,6 +234,8 @@ class Reporter(keras.callbacks.Callback):
         self.best, self.best_weights = state.get("best"), state.get("best_weights")
         self.summary = {**summary, "run": store.fingerprint}
         self._write_metrics()
+        self.signalled = None  # the signal that stopped the run
+        self.checked_step = self.committed_step = start_step  # the last step with a finite loss; the last checkpoint
         self.seconds_before = state.get("seconds", 0.0)  # trained by earlier runs of this job-dir, up to their checkpoint
         self.run_started = time.monotonic()
         self.started, self.steps_timed = time.perf_counter(), 0
@@ -196,6 +243,12 @@ class Reporter(keras.callbacks.Callback):
     def seconds(self):
         """Seconds of training so far, earlier runs of the job-dir included."""
         return self.seconds_before + time.monotonic() - self.run_started
+
+    def on_train_begin(self, logs=None):
+        _training.set()
+
+    def on_train_end(self, logs=None):
+        _training.clear()
 
     def on_train_batch_end(self, batch, logs=None):
         # Batches trained, counted here rather than read from optimizer.iterations,
@@ -206,26 +259,43 @@ class Reporter(keras.callbacks.Callback):
             cli.say(f"training every layer from step {self.step} on")
         last = self.step >= self.max_steps
         out_of_time = self.stopping.out_of_time(self.seconds())
-        due = self.step % self.log_frequency == 0 or last or out_of_time
-        if not due and self.step % self.eval_frequency:
+        signalled = _requested[0] if _requested else None
+        due_line = self.step % self.log_frequency == 0 or last or out_of_time or signalled
+        due_evaluation = self.step % self.eval_frequency == 0 or last or out_of_time
+        if not (due_line or due_evaluation):
             return
         if hasattr(self.model, "jax_state_sync"):
             # JAX's fit carries the variables' values apart from the variables: bring them back to
             # read them, and fit takes what is assigned here (metrics reset, weights restored) onwards.
             self.model.jax_state_sync()
-        if due:
-            # float() waits for the step: only when a line is due
-            self._progress(float(logs["loss"]), float(logs.get("data_loss", logs["loss"])))
-        if self.step % self.eval_frequency and not last and not out_of_time:
-            return
-        self._evaluate_and_checkpoint()
-        reason = self.stopping.reason(self.evaluations, self.seconds(), self.metric)
+        loss = float(logs["loss"])  # the mean since the last line; float() waits for the step: only when due
+        self._check_finite(loss)
+        if due_line:
+            self._progress(loss, float(logs.get("data_loss", loss)))
+        if signalled and not due_evaluation:
+            self._save_checkpoint()
+        elif due_evaluation:
+            self._evaluate_and_checkpoint()
+        reason = None if signalled else self.stopping.reason(self.evaluations, self.seconds(), self.metric)
         if reason and not last:
             cli.say(f"stopping at step {self.step}: {reason}")
-        if reason or last:
+        if reason or last or signalled:
             self.model.stop_training = True
+            self.signalled = signalled
         # Restart the clock after each evaluation so img/s counts training only.
         self.started, self.steps_timed = time.perf_counter(), 0
+
+    def _check_finite(self, loss):
+        if not math.isfinite(loss):
+            raise cli.RunStopped(
+                f"the training loss became {loss} between step {self.checked_step} and step {self.step}; nothing "
+                f"after step {self.committed_step} was saved. Lower --initial_learning_rate or --weight_decay, or clip "
+                f"the gradients (--optimizer_arguments=clipnorm=1), then rerun to resume from the checkpoint at step "
+                f"{self.committed_step}" if self.committed_step else
+                f"the training loss became {loss} by step {self.step}, before any checkpoint. Lower "
+                f"--initial_learning_rate or --weight_decay, or clip the gradients (--optimizer_arguments=clipnorm=1)",
+                DIVERGED_STATUS)
+        self.checked_step = self.step
 
     def _progress(self, loss, data_loss):
         """The progress line: mean losses since the last line, the data's part and weight decay shown apart."""
@@ -239,16 +309,25 @@ class Reporter(keras.callbacks.Callback):
                                                       "images_per_second": images_per_second})
         self.model.reset_metrics()  # the next line's losses are means over its own steps
 
+    def _save_checkpoint(self):
+        self.store.save(self.model, self.step, {"evaluations": self.evaluations, "best": self.best,
+                                                "best_weights": self.best_weights, "seconds": self.seconds(),
+                                                "training_log": self.training_log})
+        self.committed_step = self.step
+
     def _evaluate_and_checkpoint(self):
         step = self.step
         with models.averaged_weights(self.model):
             result = {"step": step, **self.evaluate(self.model)}
+            unusable = [k for k, v in result.items() if isinstance(v, float) and not math.isfinite(v)]
+            if unusable:
+                raise cli.RunStopped(f"the evaluation at step {step} gave {result[unusable[0]]} for {unusable[0]}: the "
+                                     f"weights have diverged; nothing after step {self.committed_step} was saved. Lower "
+                                     f"--initial_learning_rate or --weight_decay", DIVERGED_STATUS)
             self.evaluations.append(result)
             if self.best is None or result[self.metric] > self.best[self.metric]:
                 self.best, self.best_weights = result, self.store.save_best(self.model, step)
-        self.store.save(self.model, step, {"evaluations": self.evaluations, "best": self.best,
-                                           "best_weights": self.best_weights, "seconds": self.seconds(),
-                                           "training_log": self.training_log})
+        self._save_checkpoint()
         self._write_metrics()
         if not self.out.is_chief:
             return

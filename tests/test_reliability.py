@@ -1,0 +1,107 @@
+"""A hostile environment, as it really happens: real signals to real trainer processes (as a plain
+process and as a container's PID 1), and training that diverges."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT, assert_user_error, tiny_flags, write_tfrecords
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("reliability")
+    return write_tfrecords(root / "train", per_class=16), write_tfrecords(root / "val", per_class=4, seed=1, shards=1)
+
+
+def _state(job_dir):
+    return json.load(open(os.path.join(job_dir, "checkpoints", "state.json")))
+
+
+def _start_and_signal(command, job_dir, number, after_step=3):
+    """Starts command, waits for its progress line at after_step, sends signal `number`; returns (code, stdout, stderr)."""
+    env = dict(os.environ, PYTHONPATH=ROOT, CLOUD_ML_HP_METRIC_FILE=os.path.join(job_dir + ".metrics"))
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if line.startswith(f"step {after_step}/") or line.startswith(f"step  {after_step}/"):
+            break
+    target = proc.pid
+    if command[0] == "unshare":  # the trainer is unshare's child, PID 1 of its namespace
+        target = int(subprocess.check_output(["pgrep", "-P", str(proc.pid)]).split()[0])
+    os.kill(target, number)
+    out, err = proc.communicate(timeout=120)
+    return proc.returncode, "".join(seen) + out, err
+
+
+def _long_run(data, job_dir):
+    # Evaluations every 1000 steps: a signal must not lose the steps since the last one.
+    return tiny_flags(*data, job_dir, max_steps=100_000, eval_frequency=1_000, log_frequency=1)
+
+
+@pytest.mark.parametrize("number", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_saves_a_checkpoint_at_the_step_and_a_rerun_resumes_there(tmp_path, data, number):
+    job_dir = str(tmp_path / "run")
+    code, out, err = _start_and_signal([sys.executable, "-m", "trainer.task", *_long_run(data, job_dir)], job_dir, number)
+    assert code == 128 + number, err[-2000:]
+    step = _state(job_dir)["step"]
+    assert step >= 3
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: stopped by {signal.Signals(number).name} at step {step}, after saving a checkpoint there; "
+                      f"rerun the same command to resume from step {step}"]
+    assert "Traceback" not in err
+    resumed = subprocess.run([sys.executable, "-m", "trainer.task",
+                              *tiny_flags(*data, job_dir, max_steps=step + 2, eval_frequency=1_000)],
+                             capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=ROOT), cwd=ROOT)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"resuming from the checkpoint at step {step}" in resumed.stdout
+    assert os.path.exists(os.path.join(job_dir, "model", "saved_model.pb"))
+
+
+@pytest.mark.skipif(shutil.which("unshare") is None, reason="needs unshare (util-linux)")
+def test_sigterm_reaches_the_trainer_as_pid_1(tmp_path, data):
+    # The kernel drops signals to a PID namespace's init that has no handler for them: what a
+    # container's exec-form entrypoint is. The trainer's own handler is what makes SIGTERM land.
+    probe = subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", "true"], capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip("cannot make a PID namespace here (needs root or user namespaces)")
+    job_dir = str(tmp_path / "run")
+    command = ["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-m", "trainer.task", *_long_run(data, job_dir)]
+    code, out, err = _start_and_signal(command, job_dir, signal.SIGTERM)
+    assert code == 128 + signal.SIGTERM, err[-2000:]
+    assert "stopped by SIGTERM at step" in err
+    assert _state(job_dir)["step"] >= 3
+
+
+@pytest.mark.parametrize("flags", [dict(initial_learning_rate=1e6, optimizer_type="momentum"),
+                                   dict(weight_decay=1e300)])
+def test_a_diverging_run_stops_at_once_and_exports_nothing(tmp_path, data, trainer_main, flags):
+    job_dir = str(tmp_path / "run")
+    result = trainer_main(tiny_flags(*data, job_dir, max_steps=40, eval_frequency=20, log_frequency=1, **flags))
+    assert result.returncode == 3
+    error = assert_user_error(result, "the training loss became")
+    assert "Lower --initial_learning_rate or --weight_decay" in error
+    assert not os.path.exists(os.path.join(job_dir, "model"))
+    metrics = open(os.path.join(job_dir, "metrics.json")).read()
+    assert "NaN" not in metrics and "Infinity" not in metrics
+    assert not [line for line in result.stdout.splitlines() if line.startswith("step 40/")]  # it did not train on
+
+
+def test_divergence_after_a_checkpoint_names_it(tmp_path, data, trainer_main):
+    job_dir = str(tmp_path / "run")
+    # A stepwise schedule that jumps to an absurd rate at step 4, after the checkpoint at step 2.
+    result = trainer_main(tiny_flags(*data, job_dir, max_steps=40, eval_frequency=2, log_frequency=1,
+                                     optimizer_type="momentum", learning_rate_decay_type="stepwise",
+                                     stepwise_learning_rate_steps="4", stepwise_learning_rate_levels="1e12"))
+    assert result.returncode == 3
+    error = assert_user_error(result, "the training loss became")
+    assert "rerun to resume from the checkpoint at step" in error
+    state = _state(job_dir)
+    assert state["step"] >= 2 and all(e["step"] <= state["step"] for e in state["evaluations"])
+    json.loads(open(os.path.join(job_dir, "metrics.json")).read(), parse_constant=pytest.fail)  # strict JSON
