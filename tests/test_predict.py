@@ -1,12 +1,15 @@
-"""trainer.predict: output lines match the model, bad locations become error lines, sharding, resume, flags."""
+"""trainer.predict: output lines match the model, bad locations become error lines, sharding, resume, progress,
+float precision, flags."""
 
 import ast
 import functools
 import http.server
+import io
 import json
 import os
 import pathlib
 import re
+import sys
 import threading
 
 import numpy as np
@@ -84,7 +87,7 @@ def assert_same_predictions(rows, expected_rows):
     for (loc, got), (_, want) in zip(rows, expected_rows):
         assert ("error" in got) == ("error" in want), loc
         if "error" not in got:
-            np.testing.assert_allclose(got["probs"], want["probs"], atol=1e-5)
+            np.testing.assert_allclose(list(got["class_probs"].values()), list(want["class_probs"].values()), atol=1e-5)
 
 
 @pytest.fixture(scope="module")
@@ -108,15 +111,76 @@ def test_each_location_gets_the_models_prediction_or_an_error_line_in_input_orde
             assert set(record) == {"error"} and location.split("/")[-1] in record["error"]
             continue
         want = reference(image_bytes=tf.constant([job["files"][location].read_bytes()]))
-        assert list(record) == ["class_probs", "classes", "class_names", "probs"]  # PAI's line, unchanged
-        np.testing.assert_allclose(record["probs"], want["probabilities"].numpy()[0], atol=1e-5)
+        assert list(record) == ["class_probs", "classes", "class_names"]  # each probability once, by name
         assert list(record["class_probs"]) == NAMES
-        assert record["class_probs"] == dict(zip(NAMES, record["probs"]))
+        np.testing.assert_allclose(list(record["class_probs"].values()), want["probabilities"].numpy()[0], atol=1e-5)
         assert record["classes"] == want["classes"].numpy()[0].tolist()
         assert record["class_names"] == [NAMES[c] for c in record["classes"]]
     assert "not found" in dict(rows)["img/missing.jpg"]["error"]
     assert "404" in dict(rows)[job["failed"][2]]["error"]
-    assert f"{len(job['locations'])} images, 3 failed" in result.stdout
+    assert result.stdout.splitlines()[-1] == f"{len(job['locations'])} images, 3 failed: {out}"
+
+
+def test_probabilities_are_written_with_the_significant_digits_asked_for(job, model_dir, cli_output, tmp_path):
+    def digits(value):
+        return len(f"{value:e}".split("e")[0].replace(".", "").replace("-", "").rstrip("0"))
+
+    default = [r for _, r in read_output(cli_output[0]) if "error" not in r]
+    assert max(digits(p) for r in default for p in r["class_probs"].values()) <= 6
+    out = str(tmp_path / "p3.txt")
+    predict.run_worker(model_dir, job["list"], out, batch_size=4, read_threads=4, float_precision=3)
+    short = [r for _, r in read_output(out) if "error" not in r]
+    assert max(digits(p) for r in short for p in r["class_probs"].values()) <= 3
+    for a, b in zip(short, default):
+        np.testing.assert_allclose(list(a["class_probs"].values()), list(b["class_probs"].values()), rtol=5e-3)
+
+
+@pytest.mark.parametrize("precision, line", [
+    (6, 'a.jpg, {"class_probs": {"cat": 0.123457, "dog": 4.02885e-10, "bird": 0.5}, "classes": [2]}\n'),
+    (2, 'a.jpg, {"class_probs": {"cat": 0.12, "dog": 4e-10, "bird": 0.5}, "classes": [2]}\n'),
+    (None, 'a.jpg, {"class_probs": {"cat": 0.123456789, "dog": 4.028851974258174e-10, "bird": 0.5}, "classes": [2]}\n'),
+])
+def test_a_line_rounds_every_float_to_significant_digits_not_decimals(precision, line):
+    record = {"class_probs": {"cat": 0.123456789, "dog": 4.028851974258174e-10, "bird": 0.5}, "classes": [2]}
+    assert output_file.format_line("a.jpg", record, "text", precision) == line
+
+
+def test_a_log_gets_a_progress_line_from_the_first_batch_then_one_per_interval(job, model_dir, tmp_path, capsys,
+                                                                             monkeypatch):
+    total = len(job["locations"])
+    predict.run_worker(model_dir, job["list"], str(tmp_path / "a.txt"), batch_size=4, read_threads=4)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == f"predicting {total} images into {tmp_path / 'a.txt'}"
+    assert re.fullmatch(rf"predicted \d+/{total} images, \d+ failed, [\d.,]+ img/s, eta \d+:\d\d:\d\d", lines[1])
+    assert len(lines) == 3  # a fast job: the first batch's line, then the summary
+    monkeypatch.setattr(predict, "LOG_EVERY_S", 0.0)
+    predict.run_worker(model_dir, job["list"], str(tmp_path / "b.txt"), batch_size=4, read_threads=4)
+    done = [int(m) for m in re.findall(rf"^predicted (\d+)/{total} ", capsys.readouterr().out, re.M)]
+    assert len(done) >= 3 and done == sorted(done)  # one per batch
+
+
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_a_terminal_gets_one_bar_redrawn_in_place_that_ends_at_the_total(monkeypatch):
+    clock = iter([0.0, 1.0, 1.1, 2.0, 2.05])  # start, then one reading per update
+    monkeypatch.setattr(predict.time, "monotonic", lambda: next(clock))
+    monkeypatch.setattr(sys, "stdout", _Terminal())
+    progress = predict.Progress(10, already_done=2)
+    progress.update(2, 0)  # 4/10 after 1 s
+    progress.update(3, 0)  # 0.1 s later: not redrawn
+    progress.update(6, 1)  # 8/10 after 2 s
+    progress.update(8, 1)  # done: drawn at once, and the line ends
+    shown = sys.stdout.getvalue()
+    assert shown.split("\r")[1:] == [
+        "[############..................] 4/10 images, 0 failed, 2.0 img/s, eta 0:00:03\x1b[K",
+        "[########################......] 8/10 images, 1 failed, 3.0 img/s, eta 0:00:00\x1b[K",
+        "[##############################] 10/10 images, 1 failed, 3.9 img/s, eta 0:00:00\x1b[K\n",
+    ]
+    progress.update(8, 1)  # the job's closing update after the last batch draws nothing more
+    assert sys.stdout.getvalue() == shown
 
 
 def test_jsonl_holds_the_same_records_with_their_location(job, model_dir, cli_output, tmp_path):
@@ -217,6 +281,7 @@ def test_multi_label_records_list_the_predicted_classes_most_probable_first():
     (["--num_workers=2", "--worker_index=2"], "--worker_index=2 must lie in [0, 2)"),
     (["--num_workers=2"], "--num_workers > 1 needs --worker_index"),
     (["--batch_size=0"], "--batch_size=0 must be at least 1"),
+    (["--float_precision=0"], "--float_precision=0 must lie in [1, 17]"),
     (["--model_dir="], "--model_dir is required"),
     (["--bogus=1"], "bogus"),
     (["--merge"], "--merge needs --num_workers > 1"),
@@ -271,9 +336,9 @@ def test_multi_label_export_gives_boolean_predictions_from_its_thresholds(job, t
     records = [r for _, r in read_output(out, "jsonl") if "error" not in r]
     assert records
     for record in records:
-        assert list(record) == ["class_probs", "predictions", "classes", "class_names", "probs"]
+        assert list(record) == ["class_probs", "predictions", "classes", "class_names"]
         assert record["predictions"][:2] == [True, False]
-        assert record["predictions"][2] == (record["probs"][2] >= 0.5)
+        assert record["predictions"][2] == (record["class_probs"][NAMES[2]] >= 0.5)
         assert sorted(record["classes"]) == [i for i, p in enumerate(record["predictions"]) if p]
         assert record["class_names"] == [NAMES[i] for i in record["classes"]]
 

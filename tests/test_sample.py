@@ -10,7 +10,8 @@ from tests.conftest import run_cli, run_trainer
 from trainer import sample_data
 
 
-def test_writing_the_sample_prints_one_line_and_no_tensorflow_noise(tmp_path):
+def test_writing_the_sample_prints_one_line_and_no_tensorflow_noise(tmp_path, monkeypatch):
+    monkeypatch.delenv("TF_CPP_MIN_LOG_LEVEL", raising=False)  # as in a new user's shell, not the tests' quiet one
     result = run_cli("trainer.sample_data", [str(tmp_path / "digits")])
     assert result.returncode == 0 and result.stderr == ""
     assert result.stdout == f"wrote 1437 training and 360 validation digits to {tmp_path / 'digits'}\n"

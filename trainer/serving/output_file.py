@@ -1,12 +1,13 @@
 """The batch prediction job's output file: its lines, resuming it, and the part files of several workers.
 
 One line per input location, in input order: `location, {json}` (PAI style)
-or, for jsonl, one JSON object with a "location" key. A rerun checks that an
-existing output is this job's (same locations, same format) and continues
-after its last whole line. Worker i of N writes the contiguous block
-[n*i/N, n*(i+1)/N) of the list into `OUTPUT-0000i-of-0000N`;
-merge_parts() concatenates the finished parts into OUTPUT, renamed into
-place only when whole.
+or, for jsonl, one JSON object with a "location" key; floats carry the
+significant digits asked for (--float_precision), not float64's 17. A
+rerun checks that an existing output is this job's (same locations, same
+format) and continues after its last whole line. Worker i of N writes the
+contiguous block [n*i/N, n*(i+1)/N) of the list into
+`OUTPUT-0000i-of-0000N`; merge_parts() concatenates the finished parts into
+OUTPUT, renamed into place only when whole.
 """
 
 import json
@@ -26,10 +27,24 @@ def part_path(output_path, index, num_workers):
     return output_path if num_workers == 1 else f"{output_path}-{index:05d}-of-{num_workers:05d}"
 
 
-def format_line(location, record, output_format):
+def format_line(location, record, output_format, float_precision=None):
+    """One output line; every float rounded to float_precision significant digits (None: as given)."""
+    if float_precision is not None:
+        record = _rounded(record, float_precision)
     if output_format == "jsonl":
         return json.dumps({"location": location, **record}) + "\n"
     return f"{location}, {json.dumps(record)}\n"
+
+
+def _rounded(value, digits):
+    """value with each float cut to `digits` significant digits; JSON then writes the shortest form of each."""
+    if isinstance(value, float):
+        return float(f"{value:.{digits}g}")
+    if isinstance(value, dict):
+        return {key: _rounded(item, digits) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_rounded(item, digits) for item in value]
+    return value
 
 
 def _line_prefix(location, output_format):

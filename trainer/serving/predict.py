@@ -9,13 +9,16 @@ file, its resume and its part files are output_file.py's.
 
 A location that cannot be read or decoded gets {"error": ...}; the job goes on.
 Lines are written whole and flushed after every batch, so a killed job leaves
-a valid prefix and the same command resumes after it. Sharding: worker i of N
+a valid prefix and the same command resumes after it. Progress shows from the
+first batch on stdout: a bar redrawn in place on a terminal, else a line
+every LOG_EVERY_S seconds (a log keeps every line). Sharding: worker i of N
 (flags, else TF_CONFIG or Vertex AI's CLUSTER_SPEC) predicts a contiguous
 block of the list; the same command with --merge concatenates the parts.
 """
 
 import os
 import sys
+import time
 import urllib.request
 
 from absl import flags
@@ -37,6 +40,8 @@ FLAGS_TABLE = (
          "outputs", required=True),
     Flag("output_format", "string", "text", "text: `location, {json}` lines (PAI style); jsonl: one JSON object "
          "a line.", "outputs", choices=("text", "jsonl")),
+    Flag("float_precision", "integer", 6, "Significant digits of each probability written (1 to 17; 9 keeps "
+         "the model's float32 values exactly).", "outputs"),
     Flag("overwrite", "boolean", False, "Replace an existing output instead of resuming it.", "outputs"),
     Flag("num_workers", "integer", None, "Processes sharing the list (default: from TF_CONFIG / CLUSTER_SPEC, "
          "else 1).", "workers"),
@@ -123,19 +128,27 @@ def _error(path, url_errors):
 
 
 def predict_batch(model, encoded):
-    """One record per image of the batch; None for an image the model cannot decode (the others still get theirs)."""
+    """One record per image of the batch; None for an image the model cannot decode (the others still get theirs).
+
+    PAI's `probs` list is left out: it repeats class_probs' values, in the same (class id) order.
+    """
     import tensorflow as tf
 
     try:
-        return inference.pai_records(model.serve_bytes(image_bytes=encoded), model.class_names)
+        records = inference.pai_records(model.serve_bytes(image_bytes=encoded), model.class_names)
+        return [{key: value for key, value in record.items() if key != "probs"} for record in records]
     except tf.errors.InvalidArgumentError:  # an image the probe let through: find it, image by image
         if len(encoded) == 1:
             return [None]
         return [record for i in range(len(encoded)) for record in predict_batch(model, encoded[i:i + 1])]
 
 
-def predict_into(out, model, locations, paths, output_format, batch_size, read_threads, url_timeout_s):
-    """Appends one line per location to the open file `out`, flushing per batch; returns the failures."""
+def predict_into(out, model, locations, paths, output_format, batch_size, read_threads, url_timeout_s,
+                 float_precision=None, progress=None):
+    """Appends one line per location to the open file `out`, flushing per batch; returns the failures.
+
+    progress: a Progress told the lines written after each batch.
+    """
     url_errors = {}
     batches = encoded_batches(paths, batch_size, read_threads, _fetcher(url_timeout_s, url_errors))
     done, failures = 0, 0
@@ -145,22 +158,68 @@ def predict_into(out, model, locations, paths, output_format, batch_size, read_t
         failures += 1
         return output_file.format_line(locations[i], {"error": _error(paths[i], url_errors)}, output_format)
 
-    for batch_count, (indices, encoded) in enumerate(batches, 1):
+    for indices, encoded in batches:
         lines = []
         for index, record in zip(indices.numpy().tolist(), predict_batch(model, encoded)):
             lines += [error_line(i) for i in range(done, index)]
             if record is None:
                 lines.append(error_line(index))
             else:
-                lines.append(output_file.format_line(locations[index], record, output_format))
+                lines.append(output_file.format_line(locations[index], record, output_format, float_precision))
             done = index + 1
         out.write("".join(lines))
         out.flush()
-        if batch_count % 20 == 0:  # progress on stderr: stdout carries only the result lines
-            print(f"predicted {done}/{len(locations)}", file=sys.stderr, flush=True)
+        if progress:
+            progress.update(done, failures)
     out.write("".join(error_line(i) for i in range(done, len(locations))))
     out.flush()
+    if progress:
+        progress.update(len(locations), failures)
     return failures
+
+
+LOG_EVERY_S = 30.0  # seconds between progress lines in a log (a terminal's bar redraws up to 5 times a second)
+
+
+class Progress:
+    """How far a job is, shown on stdout from its first batch.
+
+    On a terminal, one bar redrawn in place; otherwise (a log file, a pipe) a
+    line after the first batch and then every LOG_EVERY_S seconds. Images per
+    second count this process's images only, so a resumed job's ETA is fair.
+    """
+
+    def __init__(self, total, already_done=0):
+        self.total, self.already_done = total, already_done
+        self.bar = sys.stdout.isatty()
+        self.started, self.shown, self.closed = time.monotonic(), None, False
+
+    def update(self, done, failures):
+        """done: lines this process has written; failures: error lines among them."""
+        if self.closed:
+            return
+        now = time.monotonic()
+        position = self.already_done + done
+        finished = position >= self.total
+        due = self.shown is None or now - self.shown >= (0.2 if self.bar else LOG_EVERY_S)
+        if not (due or (self.bar and finished)):  # a bar ends at 100%; a log ends with the job's summary line
+            return
+        self.shown = now
+        rate = done / max(now - self.started, 1e-9)
+        eta = _duration((self.total - position) / rate) if rate else "?"
+        text = f"{position}/{self.total} images, {failures} failed, {rate:,.1f} img/s, eta {eta}"
+        if not self.bar:
+            cli.say(f"predicted {text}")
+            return
+        filled = 30 * position // max(self.total, 1)
+        self.closed = finished
+        sys.stdout.write(f"\r[{'#' * filled}{'.' * (30 - filled)}] {text}\x1b[K" + ("\n" if finished else ""))
+        sys.stdout.flush()
+
+
+def _duration(seconds):
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
 def merge(input_path, output_path, output_format, num_workers, overwrite):
@@ -173,7 +232,7 @@ def merge(input_path, output_path, output_format, num_workers, overwrite):
 
 
 def run_worker(model_dir, input_path, output_path, *, output_format="text", num_workers=1, index=0, overwrite=False,
-               batch_size=64, read_threads=16, url_timeout_s=30.0):
+               batch_size=64, read_threads=16, url_timeout_s=30.0, float_precision=6):
     """Predicts worker `index`'s share of the list into its part file (the whole output for one worker)."""
     all_locations = read_locations(input_path)
     start, stop = output_file.shard_bounds(len(all_locations), num_workers, index)
@@ -184,6 +243,8 @@ def run_worker(model_dir, input_path, output_path, *, output_format="text", num_
     done, failures = output_file.scan_output(path, locations, output_format)
     if done == len(locations) and files.exists(path):
         raise UserError(f"{path} is already complete ({done} lines); pass --overwrite to predict again")
+    resumed = f" (resumed after {done})" if done else ""
+    cli.say(f"predicting {len(locations) - done} images into {path}{resumed}")
     model = inference.load(model_dir)
     if os.path.dirname(path):
         files.makedirs(os.path.dirname(path))
@@ -191,8 +252,8 @@ def run_worker(model_dir, input_path, output_path, *, output_format="text", num_
     todo = locations[done:]
     with files.open_file(path, "a") as out:
         failures += predict_into(out, model, todo, [resolve(loc, list_dir) for loc in todo], output_format,
-                                 batch_size, read_threads, url_timeout_s)
-    resumed = f" (resumed after {done})" if done else ""
+                                 batch_size, read_threads, url_timeout_s, float_precision,
+                                 Progress(len(locations), already_done=done))
     cli.say(f"{len(locations)} images{resumed}, {failures} failed: {path}")
     if num_workers > 1:
         cli.say(f"once all {num_workers} workers are done, run the same command with --merge")
@@ -228,6 +289,8 @@ def _check(values):
     for name in ("batch_size", "read_threads"):
         if values[name].value < 1:
             raise UserError(f"--{name}={values[name].value} must be at least 1")
+    if not 1 <= values["float_precision"].value <= 17:
+        raise UserError(f"--float_precision={values['float_precision'].value} must lie in [1, 17] (significant digits)")
     if values["url_timeout_s"].value <= 0:
         raise UserError(f"--url_timeout_s={values['url_timeout_s'].value} must be positive")
 
@@ -244,7 +307,7 @@ def main(argv=None):
         else:
             run_worker(v.model_dir, v.input_path, v.output_path, output_format=v.output_format, num_workers=num_workers,
                        index=index, overwrite=v.overwrite, batch_size=v.batch_size, read_threads=v.read_threads,
-                       url_timeout_s=v.url_timeout_s)
+                       url_timeout_s=v.url_timeout_s, float_precision=v.float_precision)
     except UserError as e:
         cli.fail(str(e))
     except KeyboardInterrupt:
