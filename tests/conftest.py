@@ -178,7 +178,8 @@ def model_dir(tmp_path_factory):
 
 # Modules whose tests start trainer processes or train for long; run first so that, over
 # `pytest -n 2`, the short tests fill the gaps at the end instead of one long test running alone.
-_LONG_FIRST = ("test_end_to_end", "test_distributed", "test_hptuning_trainer", "test_multi_label")
+_LONG_FIRST = ("test_end_to_end", "test_container_contracts", "test_distributed", "test_hptuning_trainer", "test_multi_label",
+               "test_recipes", "test_reliability")
 
 
 def pytest_collection_modifyitems(session, config, items):

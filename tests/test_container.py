@@ -1,4 +1,5 @@
-"""The Dockerfile installs this package and runs the trainer through an exec-form ENTRYPOINT."""
+"""The Dockerfile installs this package and starts trainer.container, the three roles' entrypoint, in exec form.
+(The roles themselves, driven as each platform drives them: test_container_contracts.py.)"""
 
 import json
 import os
@@ -15,12 +16,12 @@ def dockerfile_instructions():
     return [(line.split(None, 1)[0].upper(), line.split(None, 1)[1]) for line in lines]
 
 
-def test_entrypoint_is_exec_form_and_names_an_existing_module():
+def test_entrypoint_is_exec_form_and_plain_flags_run_the_trainer():
     entrypoints = [args for op, args in dockerfile_instructions() if op == "ENTRYPOINT"]
     assert len(entrypoints) == 1
     command = json.loads(entrypoints[0])  # exec form is a JSON array: signals reach Python directly
-    assert command[0] == "python"
-    # The entrypoint is a program: run it as the container would, with a platform's arguments.
+    assert command == ["python", "-m", "trainer.container"]
+    # The entrypoint is a program: run it as the container would, with a Vertex AI custom job's arguments.
     started = subprocess.run([sys.executable, *command[1:], "--help"], capture_output=True, text=True, cwd=ROOT)
     assert started.returncode == 0 and started.stdout.startswith("usage: python -m trainer.task"), started.stderr
     refused = subprocess.run([sys.executable, *command[1:], "--num_classes=3"], capture_output=True, text=True, cwd=ROOT)

@@ -1,6 +1,8 @@
-"""Where a run writes: the job-dir layout, Vertex AI's overrides, and the hypertune file's lifetime."""
+"""Where a run writes: the job-dir layout, Vertex AI's overrides, SageMaker's layout, and the hypertune file's lifetime."""
 
-from trainer import rundir
+import json
+
+from trainer import rundir, sagemaker
 
 
 def test_the_default_hypertune_file_is_started_afresh_by_each_run(tmp_path, monkeypatch):
@@ -29,3 +31,15 @@ def test_vertex_ai_variables_move_the_model_checkpoints_and_logs(tmp_path):
     assert worker.checkpoints == str(tmp_path / "c") and worker.own_checkpoints.startswith(worker.root)
     rundir.close_run_dir(worker)
     assert not (tmp_path / worker.root).exists()
+
+
+def test_a_sagemaker_job_writes_where_sagemaker_collects(tmp_path):
+    """model.tar.gz is made of model/, output.tar.gz of output/data/; checkpoints/ is synced for spot restarts."""
+    (tmp_path / "input" / "config").mkdir(parents=True)
+    (tmp_path / "input" / "config" / "hyperparameters.json").write_text(json.dumps({"num_classes": "2"}))
+    job = sagemaker.training_job(str(tmp_path), environ={})
+    job_dir = next(flag.split("=", 1)[1] for flag in job.flags if flag.startswith("--job-dir="))
+    out = rundir.open_run_dir(job_dir, is_chief=True, environ={**job.environ, "CLOUD_ML_HP_METRIC_FILE": str(tmp_path / "h")})
+    assert (out.model, out.checkpoints) == (str(tmp_path / "model" / "1"), str(tmp_path / "checkpoints"))
+    assert (out.file("metrics.json"), out.logs) == (str(tmp_path / "output" / "data" / "metrics.json"),
+                                                    str(tmp_path / "output" / "data" / "logs"))

@@ -9,7 +9,9 @@
     the hypertune metrics file: $CLOUD_ML_HP_METRIC_FILE, else /tmp/hypertune/output.metrics,
                             started afresh by each run
 
-Vertex AI's AIP_* variables win where set. Only the chief of several
+Vertex AI's AIP_* variables win where set; a SageMaker job sets them to its
+own layout (trainer/sagemaker.py: model/1, checkpoints/, the job-dir
+output/data/), so nothing here knows the platform. Only the chief of several
 processes writes the job-dir; the others write their checkpoints and
 metrics.json into a scratch folder of their own (saving weights is a
 collective step, so every process saves), and read the chief's checkpoints

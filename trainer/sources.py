@@ -4,8 +4,10 @@ A path is one of three sources (chosen by its form):
   * a folder with one subfolder per class (class = subfolder, sorted by name);
   * an image-list file ending in .txt or .lst, `path label` per line, paths
     relative to the list's folder unless absolute or gs://;
-  * otherwise a glob of TFRecord files of tf.Example records (their labels are
-    read by the scan in data.py).
+  * otherwise TFRecord files of tf.Example records (their labels are read by
+    the scan in data.py): a glob, or a folder without subfolders that holds
+    them (a SageMaker channel, a Beam or Spark job's output), every file in
+    it but hidden ones (`.x`, `_SUCCESS`), images and lists.
 Also the class names, in label order. No image is opened here.
 """
 
@@ -61,9 +63,14 @@ def open_source(path, flag, fmt=RecordFormat()):
 
 
 def _folder_source(path, flag):
-    classes = sorted(d.rstrip("/") for d in tf.io.gfile.listdir(path) if tf.io.gfile.isdir(os.path.join(path, d)))
+    entries = tf.io.gfile.listdir(path)
+    classes = sorted(d.rstrip("/") for d in entries if tf.io.gfile.isdir(os.path.join(path, d)))
     if not classes:
-        raise UserError(f"--{flag}: folder {path} has no class subfolders (expected one subfolder of images per class)")
+        shards = sorted(os.path.join(path, name) for name in entries if _may_be_records(name))
+        if shards:
+            return Source(flag, "tfrecord", tuple(shards))
+        raise UserError(f"--{flag}: folder {path} has no class subfolders (expected one subfolder of images per "
+                        "class) and no TFRecord files")
     files, labels = [], []
     for label, name in enumerate(classes):
         for entry in sorted(tf.io.gfile.listdir(os.path.join(path, name))):
@@ -73,6 +80,11 @@ def _folder_source(path, flag):
     if not files:
         raise UserError(f"--{flag}: no {'/'.join(IMAGE_EXTENSIONS)} files in the class subfolders of {path}")
     return Source(flag, "folder", tuple(files), tuple(labels), tuple(classes))
+
+
+def _may_be_records(name):
+    """A file of a folder of TFRecord shards: their names vary (train-00000-of-00128, x.tfrecord, x.tfrec)."""
+    return not name.startswith((".", "_")) and not name.lower().endswith(IMAGE_EXTENSIONS + LIST_EXTENSIONS)
 
 
 def _list_source(path, flag, fmt):

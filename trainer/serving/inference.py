@@ -3,8 +3,10 @@
 Owns what trainer.serving.predict (offline, PAI-style lines) and
 trainer.serving.serve (TF Serving's REST rows) share: `load()` returns the
 model's two signatures and what the model says about itself (class names,
-task, image size) from its `metadata` signature. `pai_records()` and `rows()`
-turn one batch of signature outputs into one JSON-ready dict per image. Both
+task, image size) from its `metadata` signature; given a folder of numbered
+versions (TF Serving's base path, SageMaker's /opt/ml/model/1), it loads the
+highest. `pai_records()` and `rows()` turn one batch of signature outputs
+into one JSON-ready dict per image. Both
 follow the outputs the export returns; none of it asks which task the model
 does (the task is only shown to users).
 """
@@ -28,14 +30,33 @@ class Model:
     task: str  # the --task that trained it, for display
     image_size: int
     holder: object = None  # the loaded object; keeps the variables alive
+    version: str = "1"  # the numbered folder it came from, else 1
+    path: str = ""  # the folder holding saved_model.pb
+
+
+def find_version(model_dir):
+    """(folder holding saved_model.pb, version): model_dir itself as version 1, else, as TF Serving reads a
+    base path, its highest numbered subfolder; (model_dir, "1") when neither holds a model."""
+    import tensorflow as tf
+
+    if tf.io.gfile.exists(os.path.join(model_dir, "saved_model.pb")) or not tf.io.gfile.isdir(model_dir):
+        return model_dir, "1"
+    versions = {int(name): name for name in (n.rstrip("/") for n in tf.io.gfile.listdir(model_dir)) if name.isdigit()}
+    if not versions:
+        return model_dir, "1"
+    latest = max(versions)
+    return os.path.join(model_dir, versions[latest]), str(latest)
 
 
 def load(model_dir):
-    """The SavedModel at model_dir; a UserError naming --model_dir when it is not one this trainer exported."""
+    """The SavedModel at model_dir (or its latest version); a UserError naming --model_dir when it is not one
+    this trainer exported."""
     import tensorflow as tf
 
+    model_dir, version = find_version(model_dir)
     if not tf.io.gfile.exists(os.path.join(model_dir, "saved_model.pb")):
-        raise UserError(f"--model_dir={model_dir} holds no saved_model.pb; give the model/ folder of a job-dir")
+        raise UserError(f"--model_dir={model_dir} holds no saved_model.pb; give the model/ folder of a job-dir "
+                        "(or a folder of numbered versions of it)")
     loaded = tf.saved_model.load(model_dir)
     missing = {"serving_default", "serving_images"} - set(loaded.signatures.keys())
     if missing:
@@ -45,7 +66,8 @@ def load(model_dir):
     meta = {k: v.numpy() for k, v in loaded.signatures["metadata"]().items()}
     names = tuple(n.decode("utf-8") for n in meta["class_names"])
     task, size = meta["task"].decode("utf-8"), int(meta["image_size"])
-    return Model(loaded.signatures["serving_default"], loaded.signatures["serving_images"], names, task, size, loaded)
+    return Model(loaded.signatures["serving_default"], loaded.signatures["serving_images"], names, task, size, loaded,
+                 version, model_dir)
 
 
 def _numpy(outputs):

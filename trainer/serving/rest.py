@@ -1,9 +1,12 @@
-"""TensorFlow Serving's REST request format: what a predict body may hold, and the status answer.
+"""The REST request formats: what a predict body may hold, and the status answer.
 
-Owns parsing a predict request body (row `instances` or columnar `inputs`,
-`{"b64": ...}` encoded images for serving_default, [height][width][3] uint8
-lists for serving_images) into per-image inputs, and BadRequest, the 4xx the
-server answers for any request it cannot take. Standard library and NumPy only.
+Owns parsing a predict request body into per-image inputs: TensorFlow
+Serving's JSON (row `instances` or columnar `inputs`, `{"b64": ...}` encoded
+images for serving_default, [height][width][3] uint8 lists for
+serving_images), or, as SageMaker's /invocations sends it, one encoded image
+as the whole body (Content-Type application/x-image or image/*). Also
+BadRequest, the 4xx the server answers for any request it cannot take.
+Standard library and NumPy only.
 """
 
 import base64
@@ -13,6 +16,7 @@ import json
 import numpy as np
 
 SIGNATURES = ("serving_default", "serving_images")
+IMAGE_CONTENT_TYPE = "application/x-image"  # SageMaker's name for "the body is one encoded image"; also image/*
 
 
 class BadRequest(Exception):
@@ -46,6 +50,15 @@ def _image_array(instance, where):
     return array.astype(np.uint8)
 
 
+def parse_request(body, content_type):
+    """(signature name, per-image inputs, columnar?) of a predict request: the body as one encoded image when
+    content_type says it is one, else TF Serving's JSON (whatever else it says: curl -d sends form types)."""
+    media = (content_type or "").split(";")[0].strip().lower()
+    if media == IMAGE_CONTENT_TYPE or media.startswith("image/"):
+        return "serving_default", [body], False
+    return parse_body(body)
+
+
 def parse_body(body):
     """(signature name, per-image inputs, columnar?) of a predict request body."""
     try:
@@ -69,6 +82,6 @@ def parse_body(body):
     return signature, [convert(v, f"instance {i}") for i, v in enumerate(values)], columnar
 
 
-def model_status():
-    return {"model_version_status": [{"version": "1", "state": "AVAILABLE",
+def model_status(version="1"):
+    return {"model_version_status": [{"version": version, "state": "AVAILABLE",
                                       "status": {"error_code": "OK", "error_message": ""}}]}
