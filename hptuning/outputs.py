@@ -1,11 +1,13 @@
 """What a study leaves in its job-dir: trials.csv, best.json, plots/ (Plotly
-HTML: optimisation history, parameter importances, intermediate values), and
-the one-screen summary printed at the end. All of it is rebuilt from the
+HTML: optimisation history, parameter importances, intermediate values),
+report.html (the trials, links to the plots, and the best trial's own run
+report shown in the page), and the one-screen summary printed at the end. All of it is rebuilt from the
 storage, so every worker of a distributed study writes the whole picture;
 each file is written atomically (a reader sees the old one or the new one).
 """
 
 import csv
+import html
 import io
 import os
 import warnings
@@ -143,7 +145,11 @@ def summary(study, trials, spec, best, job_dir, storage_shown, notes):
         for t in ranked:
             params = "  ".join(f"{k}={_short(v)}" for k, v in t.params.items())
             lines.append(f"    #{t.number:<4} {t.value:.4f}  {params}")
-    lines.append(f"  outputs: {job_dir}/trials.csv, best.json, plots/")
+    lines.append(f"  report: {os.path.join(job_dir, 'report.html')}")
+    plots = [name for name in PLOTS if os.path.exists(os.path.join(job_dir, "plots", f"{name}.html"))]
+    if plots:
+        lines.append(f"  plots: {', '.join(os.path.join(job_dir, 'plots', f'{name}.html') for name in plots)}")
+    lines.append(f"  outputs: {job_dir}/trials.csv, best.json")
     lines += [f"  note: {note}" for note in notes]
     return "\n".join(lines)
 
@@ -160,4 +166,40 @@ def write_all(study, spec, job_dir, storage_shown):
     # Optuna's plots of a study with nothing complete are empty, and it warns about each.
     complete = count(trials, TrialState.COMPLETE)
     notes = write_plots(os.path.join(job_dir, "plots"), study) if complete else []
+    write_atomic(os.path.join(job_dir, "report.html"), report_page(study, trials, spec, best, job_dir))
     return summary(study, trials, spec, best, job_dir, storage_shown, notes)
+
+
+def report_page(study, trials, spec, best, job_dir):
+    """The study's page: counts, the best trial's parameters and its own run report (report/ in its
+    job-dir, shown in a frame when this machine has it), links to the plots, and every trial."""
+    e = html.escape
+    parts = [f"<!doctype html><meta charset='utf-8'><title>{e(study.study_name)}</title>",
+             "<style>body{font-family:sans-serif;margin:1.5em}table{border-collapse:collapse}"
+             "td,th{border:1px solid #ccc;padding:2px 8px;text-align:left}iframe{width:100%;height:80vh;"
+             "border:1px solid #ccc}</style>",
+             f"<h1>Study {e(study.study_name)}</h1>",
+             f"<p>{count(trials, TrialState.COMPLETE)} complete, {count(trials, TrialState.PRUNED)} pruned, "
+             f"{count(trials, TrialState.FAIL)} failed; {e(spec.goal)} {e(spec.metric)}.</p>"]
+    plots = [name for name in PLOTS if os.path.exists(os.path.join(job_dir, "plots", f"{name}.html"))]
+    if plots:
+        parts.append("<p>Plots: " + " · ".join(f"<a href='plots/{name}.html'>{e(name.replace('_', ' '))}</a>"
+                                                 for name in plots) + "</p>")
+    if best is not None:
+        parts.append(f"<h2>Best: trial {best.number}, {e(spec.metric)} = {best.value:.4f}</h2><table>")
+        parts += [f"<tr><th>{e(name)}</th><td>{e(str(value))}</td></tr>" for name, value in best.params.items()]
+        parts.append("</table>")
+        run_report = os.path.join(_attr(best, "job_dir"), "report", "report.html")
+        if _attr(best, "job_dir") and os.path.exists(run_report):
+            link = e(os.path.relpath(run_report, job_dir))
+            parts.append(f"<p>Its run report (<a href='{link}'>open</a>):</p><iframe src='{link}'></iframe>")
+    names = list(dict.fromkeys(p.name for p in params_lib.walk(spec.parameters)))
+    parts.append("<h2>Trials</h2><table><tr><th>#</th><th>state</th><th>value</th>"
+                 + "".join(f"<th>{e(n)}</th>" for n in names) + "<th>failure</th></tr>")
+    for t in trials:
+        value = "" if t.value is None else f"{t.value:.4f}"
+        parts.append(f"<tr><td>{t.number}</td><td>{t.state.name}</td><td>{value}</td>"
+                     + "".join(f"<td>{e(_short(t.params.get(n, '')))}</td>" for n in names)
+                     + f"<td>{e(str(_attr(t, 'failure')))}</td></tr>")
+    parts.append("</table>")
+    return "\n".join(parts) + "\n"

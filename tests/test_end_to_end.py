@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from tests.test_run_report import linked_files
 from tests.conftest import assert_user_error, encode, run_trainer, tiny_flags, tiny_image, write_folder, write_list, write_tfrecords
 
 
@@ -69,6 +70,9 @@ def check_outputs(job_dir, result, hypertune_file, eval_steps):
     best = max(e["top_1_accuracy"] for e in metrics["evaluations"])
     assert metrics["best"]["top_1_accuracy"] == best
     assert result.stdout.strip().splitlines()[-1] == f"top_1_accuracy={best:.4f}"
+    report = os.path.join(job_dir, "report")
+    assert {"report.html", "curves.png", "confusion_matrix.png", "per_class.csv"} <= set(os.listdir(report))
+    assert linked_files(report) == set(os.listdir(report)) - {"report.html"}  # it shows every file, and only those
     lines = [json.loads(line) for line in open(hypertune_file)]
     assert [line["global_step"] for line in lines] == [str(s) for s in eval_steps]
     assert all(0 <= float(line["top_1_accuracy"]) <= 1 for line in lines)

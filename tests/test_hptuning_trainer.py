@@ -48,3 +48,9 @@ def test_study_over_the_real_trainer(tmp_path):
     best = read_json(os.path.join(job_dir, "best.json"))
     assert os.path.exists(os.path.join(best["model_path"], "saved_model.pb"))
     assert os.path.dirname(best["model_path"]).startswith(job_dir)
+    # The study's page shows the best trial's own run report, and the summary names the page.
+    page = open(os.path.join(job_dir, "report.html")).read()
+    best_report = os.path.join(best["job_dir"], "report", "report.html")
+    assert os.path.exists(best_report)
+    assert f"<iframe src='{os.path.relpath(best_report, job_dir)}'>" in page
+    assert f"report: {os.path.join(job_dir, 'report.html')}" in result.stdout

@@ -17,7 +17,7 @@ import time
 import keras
 import numpy as np
 
-from trainer import checkpoints, cli, data, distribute, export, files, models, report, rundir, schedules
+from trainer import checkpoints, cli, data, distribute, export, files, models, report, run_report, rundir, schedules
 from trainer import config as config_lib
 from trainer.cli import UserError
 from trainer.cluster import cluster_from_env
@@ -115,6 +115,15 @@ def run(c, job_dir):
     cli.say(f"exporting the best evaluation (step {best['step']}) to {out.model}")
     export.export_saved_model(store.best_path(reporter.best_weights), c.model_type, c.task, c.num_classes,
                               c.image_size, inputs.class_names, out.model, evaluation=best)
+    if reporter.best_outputs is None:  # the best evaluation was a resumed run's predecessor's
+        model.load_weights(store.best_path(reporter.best_weights))
+        _, *reporter.best_outputs = evaluate_model(model, inputs.evaluation, c.eval_batch_size, task, settings)
+    logits, targets = reporter.best_outputs
+    run_report.write(out.file("report"), config={**c.to_dict(), "job_dir": job_dir}, evaluations=reporter.evaluations,
+                     training_log=reporter.training_log, best=best, metric=c.metric, task_name=c.task,
+                     class_names=inputs.class_names,
+                     validation=(evaluation_images(inputs.evaluation), targets, task.probabilities(logits).numpy()))
+    cli.say(f"run report: {out.file('report')}/report.html")
     cli.say(f"{c.metric}={best[c.metric]:.4f}")
     return best[c.metric]
 
@@ -154,7 +163,8 @@ def stop_on_signals():
 
 
 def evaluate_model(model, dataset, batch_size, task, settings):
-    """The task's exact metrics over the whole evaluation set, from the model's logits.
+    """The task's exact metrics over the whole evaluation set, from the model's logits;
+    returns (metrics, logits [N, C] float64, targets [N, C]).
 
     The last, short batch is padded to batch_size: one compiled shape, and
     always divisible over data-parallel devices.
@@ -166,7 +176,22 @@ def evaluate_model(model, dataset, batch_size, task, settings):
             images = np.concatenate([images, np.zeros((batch_size - count, *images.shape[1:]), images.dtype)])
         logits.append(keras.ops.convert_to_numpy(model.predict_on_batch(images))[:count])
         targets.append(target)
-    return task.evaluate(np.concatenate(logits).astype(np.float64), np.concatenate(targets), settings)
+    logits, targets = np.concatenate(logits).astype(np.float64), np.concatenate(targets)
+    return task.evaluate(logits, targets, settings), logits, targets
+
+
+REPORT_IMAGES_BYTES = 512 << 20  # the run report shows the worst validation images when all of them fit in this
+
+
+def evaluation_images(dataset):
+    """Every evaluation image (uint8 [N, S, S, 3]), or None when they would take more than REPORT_IMAGES_BYTES."""
+    batches, size = [], 0
+    for images, _ in dataset.as_numpy_iterator():
+        size += images.nbytes
+        if size > REPORT_IMAGES_BYTES:
+            return None
+        batches.append(images)
+    return np.concatenate(batches)
 
 
 DIVERGED_STATUS = 3  # exit status of a run stopped by a NaN or infinite loss
@@ -232,6 +257,7 @@ class Reporter(keras.callbacks.Callback):
         self.evaluations = state.get("evaluations", [])
         self.training_log = state.get("training_log", [])  # {step, loss, data_loss, learning_rate} per progress line
         self.best, self.best_weights = state.get("best"), state.get("best_weights")
+        self.best_outputs = None  # (logits, targets) of the best evaluation, when this process made it
         self.summary = {**summary, "run": store.fingerprint}
         self._write_metrics()
         self.signalled = None  # the signal that stopped the run
@@ -318,7 +344,8 @@ class Reporter(keras.callbacks.Callback):
     def _evaluate_and_checkpoint(self):
         step = self.step
         with models.averaged_weights(self.model):
-            result = {"step": step, **self.evaluate(self.model)}
+            figures, logits, targets = self.evaluate(self.model)
+            result = {"step": step, **figures}
             unusable = [k for k, v in result.items() if isinstance(v, float) and not math.isfinite(v)]
             if unusable:
                 raise cli.RunStopped(f"the evaluation at step {step} gave {result[unusable[0]]} for {unusable[0]}: the "
@@ -327,6 +354,7 @@ class Reporter(keras.callbacks.Callback):
             self.evaluations.append(result)
             if self.best is None or result[self.metric] > self.best[self.metric]:
                 self.best, self.best_weights = result, self.store.save_best(self.model, step)
+                self.best_outputs = (logits, targets)
         self._save_checkpoint()
         self._write_metrics()
         if not self.out.is_chief:
