@@ -2,8 +2,9 @@
 
 import numpy as np
 import pytest
+import tensorflow as tf
 
-from tests.conftest import encode, write_folder
+from tests.conftest import encode, tiny_image, write_folder, write_tfrecords
 from trainer import data, sources
 from trainer.tasks import CLASSIFICATION
 
@@ -65,6 +66,8 @@ def test_a_scan_is_kept_and_reused_for_the_same_data_only(tmp_path, monkeypatch)
     monkeypatch.setattr(data, "scan", no_scan)
     again = data.scan_cached(source, 2, sources.RecordFormat(), 0.5, cache)
     np.testing.assert_array_equal(again.keys, first.keys)
+    np.testing.assert_array_equal(again.labels, first.labels)  # balancing reads them
+    np.testing.assert_array_equal(again.label_splits, first.label_splits)
     assert (again.total, again.corrupt) == (first.total, first.corrupt)
     with pytest.raises(data.UserError, match="1 of 7 images cannot be read"):  # this run's own limit still holds
         data.scan_cached(source, 2, sources.RecordFormat(), 0.0, cache)
@@ -86,3 +89,32 @@ def test_a_kept_scan_names_unreadable_images_as_the_reading_flag_does(tmp_path):
         scanned = data.scan_cached(sources.open_source(str(listing), flag), 2, sources.RecordFormat(), 0.5, cache)
         assert scanned.corrupt == (f"{tmp_path / 'bad.png'} (line 2 of --{flag})",)
     assert len(list((tmp_path / "cache").glob("scan-*.npz"))) == 1
+
+
+def test_the_scan_keeps_each_usable_records_labels(tmp_path):
+    rng = np.random.default_rng(0)
+    labels = [0, 1, 1, 0, 1, 0]
+    pictures = [encode(tiny_image(label, rng), "PNG") for label in labels[:5]] + [b"\x89PNG broken"]
+    source = sources.open_source(write_tfrecords(tmp_path / "t", labels=labels, images=pictures, shards=2),
+                                 "training_data_path")
+    scan = data.scan(source, 2, sources.RecordFormat(), 0.5)
+    record = [2 * (key & 0xFFFFFFFF) + (key >> 32) for key in scan.keys]  # record i went to shard i % 2
+    assert sorted(record) == [0, 1, 2, 3, 4]  # the broken sixth is left out, with its label
+    np.testing.assert_array_equal(scan.labels, [labels[i] for i in record])
+    np.testing.assert_array_equal(scan.label_splits, np.arange(6))
+
+
+def test_a_multi_label_scan_keeps_every_label_of_a_record(tmp_path):
+    fmt = sources.RecordFormat(several_labels=True)
+    path = str(tmp_path / "ml.tfrecord")
+    with tf.io.TFRecordWriter(path) as writer:
+        for ids in ([1, 4], [2], []):
+            feature = {"image/encoded": tf.train.Feature(bytes_list=tf.train.BytesList(value=[encode(
+                np.zeros((8, 8, 3), np.uint8), "PNG")])),
+                       "image/class/label": tf.train.Feature(int64_list=tf.train.Int64List(value=ids))}
+            writer.write(tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString())
+    scan = data.scan(sources.open_source(path, "training_data_path", fmt), 5, fmt, 0.0)
+    np.testing.assert_array_equal(scan.labels, [1, 4, 2])
+    np.testing.assert_array_equal(scan.label_splits, [0, 2, 3, 3])
+    with pytest.raises(data.UserError, match=r"label 4 of .*ml.tfrecord record 0 is outside \[0, 3\) .*\(1 such records"):
+        data.scan(sources.open_source(path, "training_data_path", fmt), 3, fmt, 0.0)

@@ -3,7 +3,9 @@
 The sources (folder, image list, TFRecords) are found by sources.py. Before
 the first step scan() reads every record once: a label outside
 [0, num_classes) is an error naming file and record; an image that cannot be
-read or decoded is left out of training and evaluation and counted.
+read or decoded is left out of training and evaluation and counted. The scan
+also keeps each usable record's labels, for class balancing. The training
+stream's augmentation, mixing and balancing are augment.py's.
 """
 
 import contextlib
@@ -12,12 +14,13 @@ import fcntl
 import hashlib
 import io
 import json
+import math
 import os
 
 import numpy as np
 import tensorflow as tf
 
-from trainer import cli, files, images
+from trainer import augment, cli, files, images
 from trainer.cli import UserError
 from trainer.sources import RecordFormat, class_names, open_source
 
@@ -29,7 +32,9 @@ class Scan:
     keys: np.ndarray  # usable records, in source order
     total: int  # records in the source, usable or not
     corrupt: tuple  # locations of records that could not be read or decoded
-    corrupt_keys: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros([0], np.int64))  # their keys
+    corrupt_keys: np.ndarray  # their keys
+    labels: np.ndarray  # the usable records' label ids, flat, in key order
+    label_splits: np.ndarray  # record keys[i] has labels[label_splits[i]:label_splits[i + 1]]
 
 
 def _tfrecord_records(source, shuffle_seed=None):
@@ -89,20 +94,21 @@ def _encoded(source, keys, fmt, shuffle_seed=None, read=True):
 
 def scan(source, num_classes, fmt, max_corrupt_fraction):
     """Reads every record once; raises UserError for bad labels or too many corrupt images."""
-    all_keys, lowest, highest = _read_label_ranges(source, fmt)
-    bad = np.flatnonzero((lowest < 0) | (highest >= num_classes))
+    all_keys, labels, splits = _read_labels(source, fmt)
+    record = np.repeat(np.arange(len(all_keys)), np.diff(splits))  # of each label
+    bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
     if bad.size:
-        i = bad[0]
-        value = lowest[i] if lowest[i] < 0 else highest[i]
         offset = 0 if source.kind == "folder" else fmt.label_offset  # folder labels are subfolder positions
         raise UserError(
-            f"--{source.flag}: label {value + offset} of {source.locate(all_keys[i])} is outside "
-            f"[0, {num_classes}) after --label_offset={offset} ({bad.size} such records; check --num_classes and --label_offset)"
+            f"--{source.flag}: label {labels[bad[0]] + offset} of {source.locate(all_keys[record[bad[0]]])} is outside "
+            f"[0, {num_classes}) after --label_offset={offset} ({len(np.unique(record[bad]))} such records; "
+            "check --num_classes and --label_offset)"
         )
     decodable = _decodable_keys(source, fmt)
     usable = np.isin(all_keys, decodable)
     bad = all_keys[~usable]
-    result = Scan(all_keys[usable], len(all_keys), tuple(source.locate(k) for k in bad), bad)
+    result = Scan(all_keys[usable], len(all_keys), tuple(source.locate(k) for k in bad), bad, labels[usable[record]],
+                  _splits(np.diff(splits)[usable]))
     _check_usable(source, result, max_corrupt_fraction)
     return result
 
@@ -135,7 +141,7 @@ def scan_cached(source, num_classes, fmt, max_corrupt_fraction, cache_dir):
         if result is None:
             result = scan(source, num_classes, fmt, max_corrupt_fraction)
             buffer = io.BytesIO()
-            np.savez(buffer, keys=result.keys, total=result.total, corrupt_keys=result.corrupt_keys)
+            np.savez(buffer, **{field: getattr(result, field) for field in _KEPT})
             files.write_atomic(path, buffer.getvalue())
             return result
     _check_usable(source, result, max_corrupt_fraction)  # this run's --max_corrupt_fraction
@@ -150,10 +156,13 @@ def _read_scan(source, path):
     try:
         with files.open_file(path, "rb") as f:
             saved = np.load(io.BytesIO(f.read()), allow_pickle=False)
-            keys, total, corrupt_keys = saved["keys"], int(saved["total"]), saved["corrupt_keys"]
+            kept = {field: saved[field] for field in _KEPT}
     except (OSError, ValueError, KeyError):
         return None
-    return Scan(keys, total, tuple(source.locate(k) for k in corrupt_keys), corrupt_keys)
+    return Scan(corrupt=tuple(source.locate(k) for k in kept["corrupt_keys"]), **{**kept, "total": int(kept["total"])})
+
+
+_KEPT = ("keys", "total", "corrupt_keys", "labels", "label_splits")  # the Scan fields a kept scan stores
 
 
 @contextlib.contextmanager
@@ -167,7 +176,7 @@ def _scan_lock(path):
         yield
 
 
-SCAN_VERSION = 1  # bump when what scan() finds, or how it is stored, changes
+SCAN_VERSION = 2  # bump when what scan() finds, or how it is stored, changes
 
 
 def _fingerprint(source, fmt, num_classes):
@@ -178,28 +187,35 @@ def _fingerprint(source, fmt, num_classes):
     return hashlib.sha256(json.dumps(content).encode()).hexdigest()[:20]
 
 
-def _read_label_ranges(source, fmt):
-    """Every record's key with its lowest and highest label id (0, 0 for a record without labels)."""
+def _read_labels(source, fmt):
+    """Every record's key, and its label ids: flat, record i's in labels[splits[i]:splits[i + 1]]."""
     if source.kind != "tfrecord":
-        ranges = np.array([(min(ids), max(ids)) if ids else (0, 0) for ids in source.labels], dtype=np.int64)
-        return np.arange(len(source.files), dtype=np.int64), ranges[:, 0], ranges[:, 1]
-
-    def label_range(key, image, label):
-        label = tf.reshape(label, [-1])
-        empty = tf.equal(tf.size(label), 0)
-        lowest = tf.where(empty, tf.constant(0, tf.int64), tf.reduce_min(label))
-        highest = tf.where(empty, tf.constant(0, tf.int64), tf.reduce_max(label))
-        return key, lowest, highest
-
+        lengths = [len(ids) for ids in source.labels]
+        labels = np.array([i for ids in source.labels for i in ids], dtype=np.int64)
+        return np.arange(len(source.files), dtype=np.int64), labels, _splits(lengths)
     ds = _tfrecord_records(source).map(_parser(fmt), num_parallel_calls=AUTOTUNE)
-    ds = ds.map(label_range).batch(4096)  # large batches cost seconds of buffer set-up
+    ds = ds.map(lambda key, image, label: (key, tf.reshape(label, [-1])))
+    ds = ds.ragged_batch(4096).map(_flat_labels)  # large batches: small ones cost seconds of buffer set-up
     try:
         chunks = list(ds.as_numpy_iterator())
     except (tf.errors.DataLossError, tf.errors.InvalidArgumentError) as e:
         raise UserError(_describe_tfrecord_error(source, _parser(fmt), e)) from None
     if not chunks:
         raise UserError(f"--{source.flag}: the TFRecord files hold no records")
-    return tuple(np.concatenate([c[i] for c in chunks]) for i in range(3))
+    keys, labels, lengths = (np.concatenate([c[i] for c in chunks]) for i in range(3))
+    return keys, labels, _splits(lengths)
+
+
+def _flat_labels(keys, ids):
+    """(keys, labels, labels per record) of a batch: ids is ragged, or [B, 1] where every record has one label."""
+    if isinstance(ids, tf.RaggedTensor):
+        return keys, ids.flat_values, ids.row_lengths()
+    return keys, tf.reshape(ids, [-1]), tf.ones_like(keys)
+
+
+def _splits(lengths):
+    """Row splits from row lengths: [0, l0, l0 + l1, ...] (int64)."""
+    return np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)]).astype(np.int64)
 
 
 def _describe_tfrecord_error(source, parse, error):
@@ -234,31 +250,43 @@ def _decodable_keys(source, fmt):
 
 
 def training_dataset(source, scan_result, fmt, target, batch_size, image_size, num_classes, seed, min_area, flip,
-                     start_step=0):
-    """Endless shuffled batches of (uint8 images, one- or multi-hot labels).
+                     start_step=0, *, augmentation="basic", randaugment_magnitude=0.5, random_erasing=0.0,
+                     mixup_alpha=0.0, cutmix_alpha=0.0, class_balancing="none"):
+    """Endless shuffled batches of (uint8 images, float targets[, per-image loss weights]).
 
-    Deterministic for a seed: resuming at start_step skips exactly the records
-    an uninterrupted run consumed, and gives them the same crops and flips.
+    A pure function of (seed, step): resuming at start_step skips exactly the
+    records an uninterrupted run consumed, and gives them the same crops, flips,
+    augmentations, mixes and sampler draws. The options are the flags' (augment.py).
     """
     keys = scan_result.keys if len(scan_result.keys) < scan_result.total else None
     ds = _encoded(source, keys, fmt, shuffle_seed=seed, read=False)
     if source.kind == "tfrecord":
         ds = ds.shuffle(min(scan_result.total, 16384), seed=seed, reshuffle_each_iteration=True)
+    ds = ds.repeat()
+    label_rows = (scan_result.labels, scan_result.label_splits, num_classes)
+    if class_balancing == "sampler":  # before reading: a record left out costs no file read
+        keep = augment.sampler_filter(scan_result.keys, augment.sampler_acceptance(*label_rows), seed)
+        ds = ds.enumerate().filter(keep).map(lambda index, element: element)
+    weights = augment.key_table(scan_result.keys, augment.loss_weights(*label_rows)) if class_balancing == "weights" else None
     start = start_step * batch_size
-    ds = ds.repeat().skip(start).enumerate(start=start)
+    ds = ds.skip(start).enumerate(start=start)
+    image = augment.image_pipeline(augmentation, image_size, min_area, flip, randaugment_magnitude, random_erasing, seed)
 
     def prepare(index, element):
-        _, encoded, label = element
+        key, encoded, label = element
         if source.kind != "tfrecord":
             encoded = tf.io.read_file(encoded)  # read after skip(): resuming reads no file twice
-        image = images.train_image(encoded, image_size, tf.stack([tf.cast(seed, tf.int64), index]), min_area, flip)
-        return image, target(label, num_classes)
+        example = (image(encoded, index), target(label, num_classes))
+        return example if weights is None else (*example, weights.lookup(key))
 
-    ds = ds.map(prepare, num_parallel_calls=AUTOTUNE, deterministic=True)
+    ds = ds.map(prepare, num_parallel_calls=AUTOTUNE, deterministic=True).batch(batch_size, drop_remainder=True)
+    mix = augment.batch_mixer(mixup_alpha, cutmix_alpha, seed)
+    if mix is not None:
+        ds = ds.enumerate(start=start_step).map(mix, num_parallel_calls=AUTOTUNE, deterministic=True)
     options = tf.data.Options()
     # Under several workers each reads the whole (deterministic) stream and keeps its share of every batch.
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
-    return ds.batch(batch_size, drop_remainder=True).prefetch(AUTOTUNE).with_options(options)
+    return ds.prefetch(AUTOTUNE).with_options(options)
 
 
 def eval_dataset(source, scan_result, fmt, target, batch_size, image_size, num_classes, num_images=0, seed=0):
@@ -284,7 +312,7 @@ def eval_dataset(source, scan_result, fmt, target, batch_size, image_size, num_c
 
 @dataclasses.dataclass(frozen=True)
 class Inputs:
-    training: object  # endless (uint8 images, targets) batches from start_step on
+    training: object  # endless (uint8 images, float targets[, loss weights]) batches from start_step on
     evaluation: object  # the evaluation batches, the same images every evaluation
     class_names: tuple  # in label order
     summary: dict  # image counts and unreadable images, for metrics.json
@@ -298,7 +326,7 @@ def prepare_inputs(training_path, validation_path, num_classes, task, *, image_k
                    randaugment_magnitude, mixup_alpha, cutmix_alpha, random_erasing, class_balancing,
                    max_batch_fraction, replicas, start_step):
     """Opens and scans both sources (every bad label or unreadable image is found here, before any step),
-    and returns the two datasets with the class names."""
+    and returns the two datasets with the class names and the training batch (see fitted_batch_size)."""
     fmt = RecordFormat(image_key, label_key, label_offset, task.several_labels)
     train_source = open_source(training_path, "training_data_path", fmt)
     eval_source = open_source(validation_path, "validation_data_path", fmt)
@@ -308,8 +336,12 @@ def prepare_inputs(training_path, validation_path, num_classes, task, *, image_k
     eval_scan = scan_cached(eval_source, num_classes, fmt, max_corrupt_fraction, scan_cache_dir)
     cli.say(f"{len(train_scan.keys)} training images, {len(eval_scan.keys)} validation images, "
             f"{len(train_scan.corrupt) + len(eval_scan.corrupt)} unreadable skipped")
-    training = training_dataset(train_source, train_scan, fmt, task.target, train_batch_size, image_size, num_classes,
-                                seed, random_crop_min_area, random_flip, start_step)
+    batch_size = fitted_batch_size(train_batch_size, len(train_scan.keys), max_batch_fraction, replicas)
+    training = training_dataset(
+        train_source, train_scan, fmt, task.target, batch_size, image_size, num_classes, seed, random_crop_min_area,
+        random_flip, start_step, augmentation=augmentation, randaugment_magnitude=randaugment_magnitude,
+        random_erasing=random_erasing, mixup_alpha=mixup_alpha, cutmix_alpha=cutmix_alpha,
+        class_balancing=class_balancing)
     evaluation, num_eval = eval_dataset(eval_source, eval_scan, fmt, task.target, eval_batch_size, image_size,
                                         num_classes, num_eval_images, seed)
     summary = {
@@ -317,4 +349,17 @@ def prepare_inputs(training_path, validation_path, num_classes, task, *, image_k
         "corrupt_images": {"training": len(train_scan.corrupt), "validation": len(eval_scan.corrupt),
                            "examples": list((train_scan.corrupt + eval_scan.corrupt)[:20])},
     }
-    return Inputs(training, evaluation, names, summary, train_batch_size, len(train_scan.keys))
+    return Inputs(training, evaluation, names, summary, batch_size, len(train_scan.keys))
+
+
+def fitted_batch_size(batch_size, training_images, max_fraction, replicas):
+    """batch_size, or when it is more than max_fraction of the training images (0 = never), the largest
+    multiple of replicas within that fraction (at least replicas), with a line saying so."""
+    limit = math.floor(max_fraction * training_images + 1e-9)  # images; the epsilon absorbs 0.29 * 100 = 28.999...
+    if not max_fraction or batch_size <= limit:
+        return batch_size
+    lowered = max(replicas, limit // replicas * replicas)
+    if lowered < batch_size:
+        cli.say(f"--train_batch_size lowered from {batch_size} to {lowered}: {batch_size} is more than "
+                f"--max_batch_fraction={max_fraction:g} of the {training_images} training images")
+    return min(lowered, batch_size)

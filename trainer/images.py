@@ -1,4 +1,4 @@
-"""Image decoding and the two crops: random for training, central for evaluation.
+"""Image decoding and the crops: random for training, central for evaluation, none (the whole image).
 
 Every function takes encoded bytes (JPEG, PNG, GIF, BMP; grayscale, RGBA or
 CMYK) and returns a uint8 RGB [size, size, 3] tensor. The serving signature of
@@ -59,12 +59,29 @@ def eval_image(encoded, size):
     return _resize(decode_window(encoded, offset_h, offset_w, side, side), size)
 
 
+def whole_image(encoded, size):
+    """The whole image resized to [size, size] (aspect ratio not kept): --augmentation=none."""
+    return _resize(decode_rgb(encoded), size)
+
+
 def train_image(encoded, size, seed, min_area, flip):
     """Random resized crop (area in [min_area, 1], aspect in [3/4, 4/3]) and flip.
 
     seed is a [2] int tensor: the same seed gives the same crop and flip, which
     is what makes a resumed run see the same images as an uninterrupted one.
+    min_area >= 1 keeps the whole image, whatever its aspect ratio (no crop
+    could, within [3/4, 4/3]).
     """
+    if min_area >= 1:
+        image = whole_image(encoded, size)
+    else:
+        image = _resize(_random_crop(encoded, seed, min_area), size)
+    if flip:
+        image = tf.image.stateless_random_flip_left_right(image, seed=seed + 1)
+    return image
+
+
+def _random_crop(encoded, seed, min_area):
     shape = image_shape(encoded)
     begin, crop_size, _ = tf.image.stateless_sample_distorted_bounding_box(
         tf.concat([shape, [3]], axis=0),
@@ -76,8 +93,4 @@ def train_image(encoded, size, seed, min_area, flip):
         max_attempts=10,
         use_image_if_no_bounding_boxes=True,
     )
-    image = decode_window(encoded, begin[0], begin[1], crop_size[0], crop_size[1])
-    image = _resize(image, size)
-    if flip:
-        image = tf.image.stateless_random_flip_left_right(image, seed=seed + 1)
-    return image
+    return decode_window(encoded, begin[0], begin[1], crop_size[0], crop_size[1])

@@ -69,7 +69,9 @@ TRAINER_FLAGS = (
     _flag("random_erasing", "float", 0.0, "Probability of erasing a random rectangle of a training image.", "data",
           tunable=True),
     _flag("class_balancing", "string", "none", "weights: weight each image's loss by the inverse frequency of its "
-          "class; sampler: draw every class equally often into each batch.", "data", choices=CLASS_BALANCING,
+          "class (multi_label: the mean over its labels); sampler: keep each image with probability (images of the "
+          "rarest class) / (images of its class), so every class comes equally often in expectation (multi_label: "
+          "by its rarest label).", "data", choices=CLASS_BALANCING,
           fingerprint=True, tunable=True),
     _flag("max_batch_fraction", "float", 0.1, "Lower --train_batch_size, with a note, when it exceeds this "
           "fraction of the training images; 0 = never.", "data"),
