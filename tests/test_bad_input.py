@@ -22,7 +22,7 @@ BASE = ["--training_data_path=t", "--validation_data_path=v", "--num_classes=3",
 @pytest.mark.parametrize("args, fragment", [
     (["--learning_rat=0.1"], "learning_rat"),
     (["--max_steps=0"], "--max_steps"),
-    ([], "--max_steps is required"),
+    ([], "--max_steps (or --num_epochs) is required"),
     (["--max_steps=ten"], "--max_steps"),
     (["--max_steps=5", "--model_type=resnet-19"], "--model_type must be one of"),
     (["--max_steps=5", "--optimizer_type=sgd"], "--optimizer_type must be one of momentum, adam, rmsprop"),
@@ -173,5 +173,5 @@ def test_every_missing_required_flag_is_named_in_one_line_before_tensorflow_load
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT,
                             env={k: v for k, v in os.environ.items() if k != "AIP_MODEL_DIR"})
     assert result.stdout.split() == ["2", "False"], result.stderr
-    assert result.stderr.strip() == ("error: --training_data_path, --validation_data_path, --max_steps, --job-dir "
-                                     "are required (see --help)")
+    assert result.stderr.strip() == ("error: --training_data_path, --validation_data_path, --max_steps (or "
+                                     "--num_epochs), --job-dir are required (see --help)")

@@ -49,7 +49,7 @@ def test_config_refuses_what_cannot_work(values, fragment):
 def test_the_fingerprint_is_the_flags_marked_in_the_table():
     assert set(schema.fingerprint_fields()) == {
         "model_type", "num_classes", "image_size", "task", "optimizer_type", "optimizer_arguments",
-        "train_batch_size", "seed", "training_data_path"}
+        "train_batch_size", "seed", "training_data_path", "class_balancing", "ema_decay"}
 
 
 def test_the_study_driver_sees_every_flag_with_its_absl_type():

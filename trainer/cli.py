@@ -139,24 +139,77 @@ def help_text(program, table):
     return "\n".join(lines) + "\n"
 
 
+HELP_ARGS = ("-h", "--help", "--helpfull")
+
+
 def parse_command_line(flag_values, argv=None, help_of=None):
     """Parses argv into absl flag_values; a misspelt flag, a bad value or a stray argument ends in fail().
 
-    help_of: a (Program, table) pair; --help prints help_text() of it and exits 0.
+    `--flag value` and `--flag False` (as SageMaker's and PAI's command lines write them) read as
+    `--flag=value` (join_values). help_of: a (Program, table) pair; --help prints help_text() of it and exits 0.
     """
     from absl import flags
 
     argv = list(sys.argv if argv is None else argv)
-    if any(arg in ("-h", "--help", "--helpfull") for arg in argv[1:]):
+    if any(arg in HELP_ARGS for arg in argv[1:]):
         print(help_text(*help_of) if help_of else flag_values.get_help(), end="")
         sys.exit(0)
     flag_values.unparse_flags()  # a second parse in one process (tests) starts from the defaults
+
+    def kind(name):
+        if name == "flagfile":
+            return "value"
+        return ("boolean" if flag_values[name].boolean else "value") if name in flag_values else None
+
     try:
-        rest = flag_values(argv)
+        rest = flag_values(join_values(argv, kind))
+    except UserError as e:
+        fail(str(e))
     except flags.Error as e:
         fail(str(e).replace("\n", " "))
     if len(rest) > 1:
         fail(f"unexpected argument {rest[1]!r}; flags are written --name=value")
+
+
+BOOLEAN_WORDS = ("true", "false", "1", "0")
+
+
+def join_values(argv, kind):
+    """argv with each `--name value` written `--name=value`, for the names kind(name) knows.
+
+    kind(name) -> "boolean", "value" or None (not a flag it knows: left as it is). A boolean takes
+    the next word only when it is true/false/1/0 (any case), so `--random_flip extra` still leaves
+    `extra` a stray argument; a value flag takes the next word unless that is another flag, which is
+    an error (absl would take `--num_classes=3` as the value of `--training_data_path` without a word);
+    a word with spaces before any `=` (PAI's param_config string) is a value.
+    Words after a bare `--` are left alone.
+    """
+    out, i = list(argv[:1]), 1
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--":
+            return out + list(argv[i:])
+        name = arg.lstrip("-") if arg.startswith("-") and "=" not in arg else None
+        what = kind(name) if name else None
+        following = argv[i + 1] if i + 1 < len(argv) else None
+        if what == "boolean" and following is not None and following.lower() in BOOLEAN_WORDS:
+            out.append(f"--{name}={following}")
+            i += 2
+        elif what == "value" and following is not None:
+            if _is_flag(following):
+                raise UserError(f"--{name} needs a value before {following} (write --{name}=VALUE)")
+            out.append(f"--{name}={following}")
+            i += 2
+        else:
+            out.append(arg)
+            i += 1
+    return out
+
+
+def _is_flag(word):
+    """`--name` or `--name=value`; not a value that starts with dashes, like PAI's whole param_config string."""
+    name = word.partition("=")[0]
+    return word.startswith("--") and not any(c.isspace() for c in name)
 
 
 def missing_flags(flag_values, table):

@@ -73,6 +73,10 @@ TRAINER_FLAGS = (
           "rarest class) / (images of its class), so every class comes equally often in expectation (multi_label: "
           "by its rarest label).", "data", choices=CLASS_BALANCING,
           fingerprint=True, tunable=True),
+    _flag("pai_param_config", "string", "", "Alibaba PAI EasyVision's param_config string, unchanged, over "
+          "several lines if need be ('--model_type Classification --backbone resnet_v1_50 --num_classes 10 "
+          "--num_epochs 1 --train_data ... --test_data ... --model_dir ...'): translated into these flags, "
+          "printed, then run.", "data"),
     _flag("max_batch_fraction", "float", 0.1, "Lower --train_batch_size, with a note, when it exceeds this "
           "fraction of the training images; 0 = never.", "data"),
     # model
@@ -166,8 +170,9 @@ TRAINER_FLAGS = (
           "(instead of each device's share).", "distribution", tunable=True),
 )
 
-# Flags that are not Config fields: where the run writes is not part of what it is.
-NOT_CONFIG = tuple(flag.name for flag in JOB_DIR_FLAGS)
+# Flags that are not Config fields: where the run writes is not part of what it is, and PAI's
+# param_config string is translated into the other flags before they are parsed (platforms.py).
+NOT_CONFIG = (*(flag.name for flag in JOB_DIR_FLAGS), "pai_param_config")
 BY_NAME = {flag.name: flag for flag in TRAINER_FLAGS}
 
 

@@ -1,6 +1,7 @@
 """Entry point: `python -m trainer.task --flag=value ...` (also the container's).
 
-Defines the trainer's absl flags from the flag table (schema.py), turns them
+Defines the trainer's absl flags from the flag table (schema.py), translates
+ModelArts' and PAI's parameter names into them (platforms.py), turns them
 into a validated Config, picks the Keras backend before Keras is imported, and
 hands over to train.run(). User mistakes end here as one `error:` line and
 exit status 2.
@@ -13,7 +14,7 @@ import tempfile
 
 from absl import flags
 
-from trainer import cli, config as config_lib, schema
+from trainer import cli, config as config_lib, platforms, schema
 
 FLAGS = flags.FlagValues()
 cli.define(schema.TRAINER_FLAGS, FLAGS)
@@ -28,7 +29,10 @@ PROGRAM = cli.Program(
     groups=schema.GROUPS,
     group_notes=schema.GROUP_NOTES,
     notes="The job-dir may also come from $AIP_MODEL_DIR (Vertex AI); the backend from $KERAS_BACKEND. "
-          "Rerunning the same command resumes from the job-dir's last checkpoint.",
+          "Rerunning the same command resumes from the job-dir's last checkpoint. Huawei ModelArts' parameter "
+          "names (data_url, train_url, checkpoint_url, use_mixup, label_balance, use_sync_bn, ...) and PAI "
+          "EasyVision's --pai_param_config are translated into these flags; the translation is printed first. "
+          "`--flag value` reads as --flag=value.",
 )
 
 
@@ -51,6 +55,14 @@ def check_required(values, environ=os.environ):
 
 
 def main(argv=None):
+    argv = list(sys.argv if argv is None else argv)
+    if not any(arg in cli.HELP_ARGS for arg in argv[1:]):
+        try:
+            argv, lines = platforms.translate(argv)  # ModelArts' and PAI's names -> ours
+        except cli.UserError as e:
+            cli.fail(str(e))
+        for line in lines:
+            cli.say(line)
     cli.parse_command_line(FLAGS, argv, help_of=(PROGRAM, schema.TRAINER_FLAGS))
     try:
         job_dir = check_required(FLAGS)
