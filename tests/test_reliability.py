@@ -3,6 +3,7 @@ process and as a container's PID 1), and training that diverges."""
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -30,7 +31,8 @@ def _start_and_signal(command, job_dir, number, after_step=3):
     seen = []
     for line in proc.stdout:
         seen.append(line)
-        if line.startswith(f"step {after_step}/") or line.startswith(f"step  {after_step}/"):
+        progress = re.match(r"step\s+(\d+)/", line)
+        if progress and int(progress.group(1)) >= after_step:
             break
     target = proc.pid
     if command[0] == "unshare":  # the trainer is unshare's child, PID 1 of its namespace
