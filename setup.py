@@ -27,6 +27,8 @@ setup(
         "matplotlib>=3.8",  # the run report's plots (report/ in the job-dir); tested with 3.11.2
         "psycopg2-binary>=2.9",  # distributed studies on PostgreSQL
         "scikit-learn>=1.4",  # ships the bundled digits sample
+        # tfds:NAME/SPLIT data paths: prepared TFDS datasets, read offline (importlib_resources: its builders need it)
+        "tensorflow-datasets==4.9.10", "importlib_resources>=6",
     ],
     extras_require={
         "jax": ["jax[cpu]>=0.6"],

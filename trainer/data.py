@@ -6,6 +6,8 @@ the first step scan() reads every record once: a label outside
 read or decoded is left out of training and evaluation and counted. The scan
 also keeps each usable record's labels, for class balancing. The training
 stream's augmentation, mixing and balancing are augment.py's.
+label_check() and record_details() give what the scan finds record by record
+(for trainer/check_data.py, which reports it); the scan keeps only counts.
 """
 
 import contextlib
@@ -247,6 +249,50 @@ def _decodable_keys(source, fmt):
     ds = _encoded(source, None, fmt).map(probe, num_parallel_calls=AUTOTUNE, deterministic=False)
     ds = ds.ignore_errors().map(lambda key, shape: key).batch(4096)  # large batches cost seconds of buffer set-up
     return np.concatenate(list(ds.as_numpy_iterator()) or [np.zeros([0], np.int64)])
+
+
+def label_check(source, num_classes, fmt):
+    """scan()'s label pass, record by record: (keys, labels, label_splits, bad, message).
+
+    keys, labels and label_splits are every record's, as _read_labels() reads them; bad holds the
+    indices (into keys) of the records with a label outside [0, num_classes), and message the error
+    scan() raises for them ("" when there are none).
+    """
+    keys, labels, splits = _read_labels(source, fmt)
+    record = np.repeat(np.arange(len(keys)), np.diff(splits))  # of each label
+    bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
+    if not bad.size:
+        return keys, labels, splits, np.zeros([0], np.int64), ""
+    offset = 0 if source.kind == "folder" else fmt.label_offset  # folder labels are subfolder positions
+    message = (
+        f"--{source.flag}: label {labels[bad[0]] + offset} of {source.locate(keys[record[bad[0]]])} is outside "
+        f"[0, {num_classes}) after --label_offset={offset} ({len(np.unique(record[bad]))} such records; "
+        "check --num_classes and --label_offset)"
+    )
+    return keys, labels, splits, np.unique(record[bad]), message
+
+
+def record_details(source, fmt, batch_size=256):
+    """scan()'s image pass, record by record: numpy batches of (keys, encoded images, heights, widths).
+
+    Only the records the scan's probe decodes come (the others are what scan() counts as corrupt), in
+    no particular order; a JPEG's size is its header's (the probe decodes it at 1/8). Streamed: one
+    batch of encoded images at a time is held, whatever the size of the source.
+    """
+    def probe(key, encoded, label):
+        is_jpeg = images.is_jpeg(encoded)
+        shape = tf.cond(  # the probe of _decodable_keys(): what it decodes is what the scan keeps
+            is_jpeg,
+            lambda: tf.shape(tf.io.decode_jpeg(encoded, channels=3, ratio=8)),
+            lambda: tf.shape(images.decode_rgb(encoded)),
+        )
+        size = tf.cond(is_jpeg, lambda: tf.image.extract_jpeg_shape(encoded)[:2], lambda: shape[:2])
+        return key, encoded, size, shape
+
+    ds = _encoded(source, None, fmt).map(probe, num_parallel_calls=AUTOTUNE, deterministic=False)
+    # The probe's shape goes through ignore_errors() and is dropped only after it: an unused decode is pruned.
+    ds = ds.ignore_errors().map(lambda key, encoded, size, shape: (key, encoded, size[0], size[1]))
+    return ds.batch(batch_size).prefetch(2).as_numpy_iterator()
 
 
 def training_dataset(source, scan_result, fmt, target, batch_size, image_size, num_classes, seed, min_area, flip,
