@@ -15,7 +15,7 @@ import pytest
 
 from tests.conftest import EXPORTED_CLASS_NAMES as NAMES
 from tests.conftest import ROOT, assert_tool_help, assert_user_error, encode, run_main, tiny_image
-from trainer.serving import serve
+from trainer.serving import batching, serve
 from trainer.serving.rest import BadRequest
 
 MAX_BODY = 64 * 1024
@@ -162,7 +162,7 @@ def test_batcher_joins_waiting_requests_up_to_the_batch_size():
             raise tf.errors.InvalidArgumentError(None, None, "undecodable")
         return {"probabilities": tf.constant([[len(b)] for b in calls[-1]], tf.float32)}
 
-    batcher = serve.Batcher(fake_model, max_batch_size=4, timeout_s=0)
+    batcher = batching.Batcher(fake_model, max_batch_size=4, timeout_s=0)
     with ThreadPoolExecutor(8) as pool:
         first = pool.submit(batcher.predict, [b"a"])
         while not calls:

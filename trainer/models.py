@@ -237,7 +237,13 @@ def _all_layers(model):
 
 
 def load_pretrained(model, path, model_type, image_size):
-    """Loads backbone weights from a file of the same model_type; the head too when its shape matches."""
+    """Loads backbone weights from a file of the same model_type; the head too when its shape matches.
+
+    A file that is not a Keras weights file (random bytes, a zip without weights) or holds another model's
+    weights is a UserError naming it.
+    """
+    import zipfile
+
     import tensorflow as tf
 
     if not tf.io.gfile.exists(path):
@@ -247,30 +253,40 @@ def load_pretrained(model, path, model_type, image_size):
     with tempfile.TemporaryDirectory() as tmp:
         local = os.path.join(tmp, os.path.basename(path))
         tf.io.gfile.copy(path, local)  # h5 needs a local file; this also fetches gs://
-        source_classes = _head_size(local)
+        source_classes = _head_size(local, path)
         source = build_model(model_type, source_classes, image_size)
         try:
             source.load_weights(local)
-        except (ValueError, KeyError) as e:
-            raise UserError(f"--pretrained_checkpoint_path: {path} does not hold {model_type} weights ({str(e).splitlines()[0]})") from None
+        except (ValueError, KeyError, OSError, zipfile.BadZipFile) as e:
+            detail = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise UserError(f"--pretrained_checkpoint_path: {path} does not hold {model_type} weights ({detail})") from None
     model.get_layer("backbone").set_weights(source.get_layer("backbone").get_weights())
     if source_classes == model.get_layer("logits").units:
         model.get_layer("logits").set_weights(source.get_layer("logits").get_weights())
     return source_classes
 
 
-def _head_size(local_path):
-    """Number of classes of the head stored in a weights file saved by this trainer."""
-    import h5py
+def _head_size(local_path, shown_path):
+    """Number of classes of the head stored in a weights file saved by this trainer (shown_path: as the user
+    named it, for errors)."""
     import zipfile
+
+    import h5py
 
     # Weights files name variables by layer class: the classifier's only
     # top-level Dense layer is the head; vars/1 is its bias.
-    if local_path.endswith(".keras"):
-        with zipfile.ZipFile(local_path) as archive, archive.open("model.weights.h5") as f, h5py.File(f, "r") as h5:
+    try:
+        if local_path.endswith(".keras"):
+            with zipfile.ZipFile(local_path) as archive, archive.open("model.weights.h5") as f, h5py.File(f, "r") as h5:
+                return _bias_size(h5)
+        with h5py.File(local_path, "r") as h5:
             return _bias_size(h5)
-    with h5py.File(local_path, "r") as h5:
-        return _bias_size(h5)
+    except UserError:
+        raise
+    except (OSError, KeyError, ValueError, TypeError, AttributeError, zipfile.BadZipFile) as e:
+        kind = "a .keras file (a zip holding model.weights.h5)" if local_path.endswith(".keras") else "an HDF5 weights file"
+        detail = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise UserError(f"--pretrained_checkpoint_path: {shown_path} is not {kind} saved by Keras ({detail})") from None
 
 
 def _bias_size(h5):

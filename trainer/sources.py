@@ -2,8 +2,11 @@
 
 A path is one of three sources (chosen by its form):
   * a folder with one subfolder per class (class = subfolder, sorted by name);
+    hidden entries (`.ipynb_checkpoints/`, `._x.jpg`) are not classes or
+    images, and a class subfolder without images is an error naming it;
   * an image-list file ending in .txt or .lst, `path label` per line, paths
-    relative to the list's folder unless absolute or gs://;
+    relative to the list's folder unless absolute or gs://; the label is
+    the last field, so a path may hold spaces;
   * otherwise TFRecord files of tf.Example records (their labels are read by
     the scan in data.py): a glob, or a folder without subfolders that holds
     them (a SageMaker channel, a Beam or Spark job's output), every file in
@@ -63,7 +66,7 @@ def open_source(path, flag, fmt=RecordFormat()):
 
 
 def _folder_source(path, flag):
-    entries = tf.io.gfile.listdir(path)
+    entries = [name for name in tf.io.gfile.listdir(path) if not name.startswith(".")]  # .ipynb_checkpoints, .git
     classes = sorted(d.rstrip("/") for d in entries if tf.io.gfile.isdir(os.path.join(path, d)))
     if not classes:
         shards = sorted(os.path.join(path, name) for name in entries if _may_be_records(name))
@@ -73,10 +76,14 @@ def _folder_source(path, flag):
                         "class) and no TFRecord files")
     files, labels = [], []
     for label, name in enumerate(classes):
-        for entry in sorted(tf.io.gfile.listdir(os.path.join(path, name))):
-            if entry.lower().endswith(IMAGE_EXTENSIONS):
-                files.append(os.path.join(path, name, entry))
-                labels.append((label,))
+        images = [entry for entry in sorted(tf.io.gfile.listdir(os.path.join(path, name)))
+                  if entry.lower().endswith(IMAGE_EXTENSIONS) and not entry.startswith(".")]  # ._x.jpg: macOS metadata
+        if not images and len(classes) > 1:
+            raise UserError(f"--{flag}: class folder {os.path.join(path, name)} holds no "
+                            f"{'/'.join(IMAGE_EXTENSIONS)} images; every subfolder is a class: add its images, or "
+                            "remove it from both data folders (and lower --num_classes)")
+        files += [os.path.join(path, name, entry) for entry in images]
+        labels += [(label,)] * len(images)
     if not files:
         raise UserError(f"--{flag}: no {'/'.join(IMAGE_EXTENSIONS)} files in the class subfolders of {path}")
     return Source(flag, "folder", tuple(files), tuple(labels), tuple(classes))
@@ -97,18 +104,27 @@ def _list_source(path, flag, fmt):
             line = line.lstrip("\ufeff") if number == 1 else line  # a byte-order mark from Windows editors
             if not line.strip() or line.lstrip().startswith("#"):
                 continue
-            parts = line.split()
-            ids = _parse_label_field(parts[1] if len(parts) == 2 else None, fmt.several_labels)
-            if len(parts) > 2 or ids is None:
+            location, ids = _split_line(line.strip(), fmt.several_labels)
+            if ids is None:
                 expected = "'image_path id,id,...'" if fmt.several_labels else "'image_path integer_label'"
                 raise UserError(f"--{flag}: {path} line {number}: expected {expected}, got {line.strip()!r}")
-            image = parts[0] if parts[0].startswith(("/", "gs://")) else os.path.join(base, parts[0])
+            image = location if location.startswith(("/", "gs://")) else os.path.join(base, location)
             files.append(image)
             labels.append(tuple(i - fmt.label_offset for i in ids))
             lines.append(number)
     if not files:
         raise UserError(f"--{flag}: image list {path} has no 'path label' lines")
     return Source(flag, "list", tuple(files), tuple(labels), lines=tuple(lines))
+
+
+def _split_line(text, several_labels):
+    """(image path, label ids) of a list line: the label is the last field, the path all before it (spaces
+    included); a multi-label line may have no label field. ids is None when the line does not parse."""
+    parts = text.rsplit(None, 1)
+    ids = _parse_label_field(parts[1], several_labels) if len(parts) == 2 else None
+    if ids is not None:
+        return parts[0], ids
+    return text, _parse_label_field(None, several_labels)  # the whole line is a path: fine for multi-label
 
 
 def _parse_label_field(field, several_labels):

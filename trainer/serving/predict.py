@@ -8,6 +8,8 @@ signature (which decodes, crops and resizes as evaluation did). The output
 file, its resume and its part files are output_file.py's.
 
 A location that cannot be read or decoded gets {"error": ...}; the job goes on.
+So does an image whose header says more than --max_image_pixels, which is
+never decoded (image_limit.py).
 Lines are written whole and flushed after every batch, so a killed job leaves
 a valid prefix and the same command resumes after it. Progress shows from the
 first batch on stdout: a bar redrawn in place on a terminal, else a line
@@ -26,7 +28,7 @@ from absl import flags
 from trainer import cli, files
 from trainer.cli import Flag, UserError
 from trainer.cluster import cluster_from_env
-from trainer.serving import inference, output_file
+from trainer.serving import image_limit, inference, output_file
 
 FLAGS_TABLE = (
     Flag("model_dir", "string", None, "Exported SavedModel (the model/ folder of a job-dir), local or gs://; "
@@ -36,6 +38,8 @@ FLAGS_TABLE = (
     Flag("batch_size", "integer", 64, "Images per model call.", "inputs"),
     Flag("read_threads", "integer", 16, "Images read at once (http(s) fetches and file reads).", "inputs"),
     Flag("url_timeout_s", "float", 30.0, "Seconds to wait for an http(s) image.", "inputs"),
+    Flag("max_image_pixels", "integer", image_limit.MAX_IMAGE_PIXELS, "An image whose header says more pixels "
+         "(width x height, x frames for a GIF) gets an error line and is never decoded.", "inputs"),
     Flag("output_path", "string", None, "Output file (local or gs://); with several workers, the merged file.",
          "outputs", required=True),
     Flag("output_format", "string", "text", "text: `location, {json}` lines (PAI style); jsonl: one JSON object "
@@ -75,20 +79,31 @@ def resolve(location, list_dir):
     return os.path.join(list_dir, location)
 
 
-def _fetcher(timeout_s, url_errors):
+def _fetcher(timeout_s, errors):
     def fetch(url):
         url = url.numpy().decode("utf-8")
         try:
             with urllib.request.urlopen(url, timeout=timeout_s) as response:
                 return response.read()
         except Exception as e:  # any failure becomes this image's error line
-            url_errors[url] = f"cannot fetch {url}: {e}"
+            errors[url] = f"cannot fetch {url}: {e}"
             raise
     return fetch
 
 
-def encoded_batches(paths, batch_size, read_threads, fetch):
-    """(indices, encoded images) batches in input order; unreadable or undecodable images are left out."""
+def _pixel_check(max_pixels, errors):
+    """A tf.py_function body: whether an image's header allows decoding it; records why not in errors."""
+    def allowed(path, data):
+        reason = image_limit.refusal(data.numpy(), max_pixels)
+        if reason:
+            errors[path.numpy().decode("utf-8")] = f"too large to decode: {reason} (--max_image_pixels)"
+        return reason is None
+    return allowed
+
+
+def encoded_batches(paths, batch_size, read_threads, fetch, allowed=None):
+    """(indices, encoded images) batches in input order; unreadable or undecodable images are left out, and
+    those for which allowed(path, data) (a tf.py_function body) says False, before anything decodes them."""
     import tensorflow as tf
 
     is_url = [p.startswith(("http://", "https://")) for p in paths]
@@ -97,7 +112,12 @@ def encoded_batches(paths, batch_size, read_threads, fetch):
 
     def read(index, path, url):
         data = tf.cond(url, lambda: tf.py_function(fetch, [path], tf.string), lambda: tf.io.read_file(path))
-        return index, tf.ensure_shape(data, [])
+        data = tf.ensure_shape(data, [])
+        if allowed is not None:  # a failed assertion drops the image in ignore_errors() below
+            check = tf.debugging.Assert(tf.py_function(allowed, [path, data], tf.bool), ["image above the pixel limit"])
+            with tf.control_dependencies([check]):
+                data = tf.identity(data)
+        return index, data
 
     def probe(index, data):
         # The model decodes its whole batch in one call, so one bad image would fail the batch: drop it here,
@@ -113,11 +133,11 @@ def encoded_batches(paths, batch_size, read_threads, fetch):
     return ds.map(lambda index, data, shape: (index, data)).batch(batch_size).prefetch(2)
 
 
-def _error(path, url_errors):
+def _error(path, errors):
     import tensorflow as tf
 
-    if path in url_errors:
-        return url_errors[path]
+    if path in errors:
+        return errors[path]
     if not path.startswith(("http://", "https://")):
         try:
             if not files.exists(path):
@@ -144,19 +164,20 @@ def predict_batch(model, encoded):
 
 
 def predict_into(out, model, locations, paths, output_format, batch_size, read_threads, url_timeout_s,
-                 float_precision=None, progress=None):
+                 float_precision=None, progress=None, max_image_pixels=image_limit.MAX_IMAGE_PIXELS):
     """Appends one line per location to the open file `out`, flushing per batch; returns the failures.
 
     progress: a Progress told the lines written after each batch.
     """
-    url_errors = {}
-    batches = encoded_batches(paths, batch_size, read_threads, _fetcher(url_timeout_s, url_errors))
+    errors = {}  # path -> why it has no prediction, where the reading steps know better than "cannot decode"
+    batches = encoded_batches(paths, batch_size, read_threads, _fetcher(url_timeout_s, errors),
+                              _pixel_check(max_image_pixels, errors))
     done, failures = 0, 0
 
     def error_line(i):
         nonlocal failures
         failures += 1
-        return output_file.format_line(locations[i], {"error": _error(paths[i], url_errors)}, output_format)
+        return output_file.format_line(locations[i], {"error": _error(paths[i], errors)}, output_format)
 
     for indices, encoded in batches:
         lines = []
@@ -232,7 +253,8 @@ def merge(input_path, output_path, output_format, num_workers, overwrite):
 
 
 def run_worker(model_dir, input_path, output_path, *, output_format="text", num_workers=1, index=0, overwrite=False,
-               batch_size=64, read_threads=16, url_timeout_s=30.0, float_precision=6):
+               batch_size=64, read_threads=16, url_timeout_s=30.0, float_precision=6,
+               max_image_pixels=image_limit.MAX_IMAGE_PIXELS):
     """Predicts worker `index`'s share of the list into its part file (the whole output for one worker)."""
     all_locations = read_locations(input_path)
     start, stop = output_file.shard_bounds(len(all_locations), num_workers, index)
@@ -253,7 +275,7 @@ def run_worker(model_dir, input_path, output_path, *, output_format="text", num_
     with files.open_file(path, "a") as out:
         failures += predict_into(out, model, todo, [resolve(loc, list_dir) for loc in todo], output_format,
                                  batch_size, read_threads, url_timeout_s, float_precision,
-                                 Progress(len(locations), already_done=done))
+                                 Progress(len(locations), already_done=done), max_image_pixels)
     cli.say(f"{len(locations)} images{resumed}, {failures} failed: {path}")
     if num_workers > 1:
         cli.say(f"once all {num_workers} workers are done, run the same command with --merge")
@@ -286,7 +308,7 @@ def _check(values):
     missing = cli.missing_flags(values, FLAGS_TABLE)
     cli.require([name for name in missing if not (name == "model_dir" and values["merge"].value)])
     cli.check_choices(values, FLAGS_TABLE)
-    for name in ("batch_size", "read_threads"):
+    for name in ("batch_size", "read_threads", "max_image_pixels"):
         if values[name].value < 1:
             raise UserError(f"--{name}={values[name].value} must be at least 1")
     if not 1 <= values["float_precision"].value <= 17:
@@ -307,7 +329,8 @@ def main(argv=None):
         else:
             run_worker(v.model_dir, v.input_path, v.output_path, output_format=v.output_format, num_workers=num_workers,
                        index=index, overwrite=v.overwrite, batch_size=v.batch_size, read_threads=v.read_threads,
-                       url_timeout_s=v.url_timeout_s, float_precision=v.float_precision)
+                       url_timeout_s=v.url_timeout_s, float_precision=v.float_precision,
+                       max_image_pixels=v.max_image_pixels)
     except UserError as e:
         cli.fail(str(e))
     except KeyboardInterrupt:

@@ -5,7 +5,9 @@ Serving's JSON (row `instances` or columnar `inputs`, `{"b64": ...}` encoded
 images for serving_default, [height][width][3] uint8 lists for
 serving_images), or, as SageMaker's /invocations sends it, one encoded image
 as the whole body (Content-Type application/x-image or image/*). Also
-BadRequest, the 4xx the server answers for any request it cannot take.
+BadRequest, the 4xx the server answers for any request it cannot take:
+whatever the body holds (nesting deeper than Python can parse included),
+parsing it ends in inputs or a BadRequest.
 Standard library and NumPy only.
 """
 
@@ -43,8 +45,8 @@ def _image_array(instance, where):
         instance = instance["images"]
     try:
         array = np.asarray(instance)
-    except ValueError:
-        array = np.asarray(0)  # ragged nested lists
+    except (ValueError, TypeError, RecursionError, OverflowError):
+        array = np.asarray(0)  # ragged or too deeply nested lists
     if array.ndim != 3 or array.shape[-1] != 3 or array.dtype.kind not in "iu" or array.min() < 0 or array.max() > 255:
         raise BadRequest(f"{where} must be an image: [height][width][3] integers in [0, 255]")
     return array.astype(np.uint8)
@@ -65,6 +67,8 @@ def parse_body(body):
         request = json.loads(body)
     except (ValueError, UnicodeDecodeError) as e:
         raise BadRequest(f"malformed JSON: {e}") from None
+    except RecursionError:
+        raise BadRequest("malformed JSON: nested too deeply") from None
     if not isinstance(request, dict) or ("instances" in request) == ("inputs" in request):
         raise BadRequest('the body must be a JSON object with one of "instances" or "inputs"')
     signature = request.get("signature_name", "serving_default")
