@@ -107,3 +107,27 @@ def test_divergence_after_a_checkpoint_names_it(tmp_path, data, trainer_main):
     state = _state(job_dir)
     assert state["step"] >= 2 and all(e["step"] <= state["step"] for e in state["evaluations"])
     json.loads(open(os.path.join(job_dir, "metrics.json")).read(), parse_constant=pytest.fail)  # strict JSON
+
+
+def test_a_decompression_bomb_in_the_training_data_is_left_out_undecoded(tmp_path):
+    import resource
+
+    from PIL import Image
+
+    from tests.conftest import write_folder
+
+    train = write_folder(tmp_path / "train", per_class=8)
+    # 64 KB on disk, 529 million pixels once decoded (1.6 GB as RGB; the scan once peaked at 7.4 GB on one).
+    Image.new("1", (23000, 23000)).save(os.path.join(train, "class_0", "bomb.png"))
+    job_dir = str(tmp_path / "run")
+    result = subprocess.run([sys.executable, "-m", "trainer.task",
+                             *tiny_flags(train, train, job_dir, max_steps=2, eval_frequency=2, max_corrupt_fraction=0.1)],
+                            capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=ROOT), cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-2000:]
+    corrupt = json.load(open(os.path.join(job_dir, "metrics.json")))["corrupt_images"]
+    assert corrupt["training"] == 1 and corrupt["examples"][0].endswith("bomb.png")
+    assert resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss < 3 << 20  # KiB: far below one decoded copy + TF
+    report = subprocess.run([sys.executable, "-m", "trainer.check_data", f"--training_data_path={train}", "--num_classes=2",
+                             "--max_corrupt_fraction=0.1"], capture_output=True, text=True,
+                            env=dict(os.environ, PYTHONPATH=ROOT), cwd=ROOT)
+    assert "its header declares 529,000,000 pixels, more than --max_image_pixels=40,000,000" in report.stdout

@@ -44,7 +44,7 @@ NAMED_CLASSES = 20  # up to this many classes, the text report lists every one
 SHORTER_SIDE_EDGES = (32, 64, 128, 224, 512, 1024)  # pixels: the buckets of the image size distribution
 PROGRESS_EVERY_S = 30
 DATA_FLAGS = ("training_data_path", "validation_data_path", "num_classes", "task", "image_key", "label_key",
-              "label_offset", "label_map_path", "max_corrupt_fraction")
+              "label_offset", "label_map_path", "max_corrupt_fraction", "max_image_pixels")
 
 _OPTIONAL_HERE = {"validation_data_path": "Same forms as --training_data_path; also checked for copies of training "
                                           "images (leakage). Optional."}
@@ -120,12 +120,12 @@ def _checked_settings(values):
 
 
 def check(training_data_path, validation_data_path, num_classes, task, *, image_key, label_key, label_offset,
-          label_map_path, max_corrupt_fraction):
+          label_map_path, max_corrupt_fraction, max_image_pixels=40_000_000):
     """The report, a JSON-able dict: per set what it holds and its problems, leakage, warnings, and the
     trainer's verdict ("error": its message when it would refuse the data, else None)."""
     from trainer.sources import RecordFormat, class_names, open_source
 
-    fmt = RecordFormat(image_key, label_key, label_offset, TASKS[task].several_labels)
+    fmt = RecordFormat(image_key, label_key, label_offset, TASKS[task].several_labels, max_image_pixels)
     train_source = open_source(training_data_path, "training_data_path", fmt)
     eval_source = open_source(validation_data_path, "validation_data_path", fmt) if validation_data_path else None
     names = class_names(train_source, eval_source or train_source, num_classes, label_map_path)
@@ -223,7 +223,7 @@ def describe_set(records, num_classes, fmt, names):
 def unreadable(source, fmt, keys):
     """[{location, bytes, reason}] of the records the probe could not decode, in the order of keys."""
     found = {key: {"location": source.locate(key), "bytes": None if encoded is None else len(encoded),
-                   "reason": read_error or unreadable_reason(encoded)}
+                   "reason": read_error or unreadable_reason(encoded, fmt.max_pixels)}
              for key, encoded, read_error in _read(source, fmt, keys)}
     return [found[int(key)] for key in keys]
 
@@ -258,10 +258,13 @@ def image_format(encoded):
     return "WebP" if encoded[:4] == b"RIFF" and encoded[8:12] == b"WEBP" else None
 
 
-def unreadable_reason(encoded):
+def unreadable_reason(encoded, max_pixels=0):
     """Why the scan's probe cannot decode these bytes, in words, with the decoder's own message."""
     if not encoded:
         return "empty (0 bytes)"
+    declared = _declared_pixels(encoded)
+    if max_pixels and declared > max_pixels:
+        return f"its header declares {declared:,} pixels, more than --max_image_pixels={max_pixels:,} (left out undecoded)"
     message = _decoder_message(encoded)
     kind = image_format(encoded)
     if message is None:
@@ -271,6 +274,17 @@ def unreadable_reason(encoded):
     if _is_truncated(kind, encoded):
         return f"truncated {kind}: {_TRUNCATED[kind]} ({message})"
     return f"{kind} that does not decode: {message}"
+
+
+def _declared_pixels(encoded):
+    import tensorflow as tf
+
+    from trainer import images
+
+    try:
+        return int(images.header_pixels(tf.constant(encoded)))
+    except tf.errors.OpError:  # a JPEG whose header cannot be read: the decoder's message says more
+        return 0
 
 
 def _is_truncated(kind, encoded):

@@ -236,15 +236,27 @@ def _describe_tfrecord_error(source, parse, error):
     return f"--{source.flag}: cannot read the TFRecords: {error.message.splitlines()[0]}"
 
 
-def _decodable_keys(source, fmt):
-    def probe(key, encoded, label):
-        # ratio=8 decodes JPEGs at 1/8 size: a full pass over the data, cheaply.
-        shape = tf.cond(
+def _probe(encoded, fmt):
+    """The decoded shape of an image, or an error (which the scan counts as an unreadable image).
+
+    An image whose header declares more than fmt.max_pixels pixels fails before any decoding (a
+    decompression bomb costs nothing); ratio=8 decodes JPEGs at 1/8 size: a full pass over the data, cheaply.
+    """
+    checks = []
+    if fmt.max_pixels:
+        checks.append(tf.debugging.assert_less_equal(images.header_pixels(encoded), tf.constant(fmt.max_pixels, tf.int64),
+                                                     message="more pixels than --max_image_pixels"))
+    with tf.control_dependencies(checks):
+        return tf.cond(
             images.is_jpeg(encoded),
             lambda: tf.shape(tf.io.decode_jpeg(encoded, channels=3, ratio=8)),
             lambda: tf.shape(images.decode_rgb(encoded)),
         )
-        return key, shape
+
+
+def _decodable_keys(source, fmt):
+    def probe(key, encoded, label):
+        return key, _probe(encoded, fmt)
 
     ds = _encoded(source, None, fmt).map(probe, num_parallel_calls=AUTOTUNE, deterministic=False)
     ds = ds.ignore_errors().map(lambda key, shape: key).batch(4096)  # large batches cost seconds of buffer set-up
@@ -280,13 +292,8 @@ def record_details(source, fmt, batch_size=256):
     batch of encoded images at a time is held, whatever the size of the source.
     """
     def probe(key, encoded, label):
-        is_jpeg = images.is_jpeg(encoded)
-        shape = tf.cond(  # the probe of _decodable_keys(): what it decodes is what the scan keeps
-            is_jpeg,
-            lambda: tf.shape(tf.io.decode_jpeg(encoded, channels=3, ratio=8)),
-            lambda: tf.shape(images.decode_rgb(encoded)),
-        )
-        size = tf.cond(is_jpeg, lambda: tf.image.extract_jpeg_shape(encoded)[:2], lambda: shape[:2])
+        shape = _probe(encoded, fmt)  # the scan's probe: what it decodes is what the scan keeps
+        size = tf.cond(images.is_jpeg(encoded), lambda: tf.image.extract_jpeg_shape(encoded)[:2], lambda: shape[:2])
         return key, encoded, size, shape
 
     ds = _encoded(source, None, fmt).map(probe, num_parallel_calls=AUTOTUNE, deterministic=False)
@@ -367,13 +374,13 @@ class Inputs:
 
 
 def prepare_inputs(training_path, validation_path, num_classes, task, *, image_key, label_key, label_offset,
-                   label_map_path, max_corrupt_fraction, scan_cache_dir, image_size, train_batch_size,
+                   label_map_path, max_corrupt_fraction, max_image_pixels, scan_cache_dir, image_size, train_batch_size,
                    eval_batch_size, num_eval_images, seed, random_crop_min_area, random_flip, augmentation,
                    randaugment_magnitude, mixup_alpha, cutmix_alpha, random_erasing, class_balancing,
                    max_batch_fraction, replicas, start_step):
     """Opens and scans both sources (every bad label or unreadable image is found here, before any step),
     and returns the two datasets with the class names and the training batch (see fitted_batch_size)."""
-    fmt = RecordFormat(image_key, label_key, label_offset, task.several_labels)
+    fmt = RecordFormat(image_key, label_key, label_offset, task.several_labels, max_image_pixels)
     train_source = open_source(training_path, "training_data_path", fmt)
     eval_source = open_source(validation_path, "validation_data_path", fmt)
     names = class_names(train_source, eval_source, num_classes, label_map_path)

@@ -30,6 +30,36 @@ def image_shape(encoded):
     )
 
 
+def _header_number(padded, offset, size, little_endian):
+    """The unsigned integer of `size` bytes at `offset` of the header (padded so that any offset exists)."""
+    digits = tf.cast(tf.io.decode_raw(tf.strings.substr(padded, offset, size), tf.uint8), tf.int64)
+    weights = tf.constant([256 ** i for i in range(size)] if little_endian else [256 ** i for i in reversed(range(size))],
+                          tf.int64)
+    return tf.reduce_sum(digits * weights)
+
+
+def header_pixels(encoded):
+    """width * height as the file's header states it, read before any decoding (int64): JPEG, PNG, GIF, BMP;
+    0 for anything else (the decoder then decides). A few hundred bytes can declare a 23000x23000 image:
+    this is how a decompression bomb is refused without being decoded."""
+    padded = tf.strings.join([tf.strings.substr(encoded, 0, 32), tf.constant(b"\0" * 32)])
+    start = tf.strings.substr(padded, 0, 8)
+
+    def bmp():
+        height = _header_number(padded, 22, 4, True)
+        height = tf.where(height >= 2 ** 31, 2 ** 32 - height, height)  # negative: a top-down bitmap
+        return _header_number(padded, 18, 4, True) * height
+
+    return tf.case([
+        (is_jpeg(encoded), lambda: tf.reduce_prod(tf.cast(tf.image.extract_jpeg_shape(encoded)[:2], tf.int64))),
+        (tf.equal(start, b"\x89PNG\r\n\x1a\n"),
+         lambda: _header_number(padded, 16, 4, False) * _header_number(padded, 20, 4, False)),
+        (tf.equal(tf.strings.substr(start, 0, 4), b"GIF8"),
+         lambda: _header_number(padded, 6, 2, True) * _header_number(padded, 8, 2, True)),
+        (tf.equal(tf.strings.substr(start, 0, 2), b"BM"), bmp),
+    ], default=lambda: tf.constant(0, tf.int64))
+
+
 def decode_window(encoded, offset_height, offset_width, height, width):
     """Decodes only the window for JPEG (fused decode and crop), crops otherwise."""
     window = tf.stack([offset_height, offset_width, height, width])

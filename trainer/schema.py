@@ -49,6 +49,8 @@ TRAINER_FLAGS = (
     _flag("label_map_path", "string", "", "Text file with one class name per line, in label order.", "data"),
     _flag("max_corrupt_fraction", "float", 0.01, "Stop with an error when more than this fraction of images cannot "
           "be decoded.", "data"),
+    _flag("max_image_pixels", "integer", 40_000_000, "An image whose header declares more pixels than this is "
+          "left out as unreadable, without being decoded (decompression bombs); 0 = no limit.", "data"),
     _flag("scan_cache_dir", "string", "", "Folder (local or gs://) that keeps what the pre-training scan of the data "
           "found, keyed by the data's file names (TFRecords: also sizes and times) and label settings, so a later "
           "run on the same data skips the scan. The study driver gives its trials one.", "data"),

@@ -27,12 +27,14 @@ LIST_EXTENSIONS = (".txt", ".lst")
 
 @dataclasses.dataclass(frozen=True)
 class RecordFormat:
-    """How labels are read: TFRecord feature keys, the offset to subtract, one label or several."""
+    """How records are read: TFRecord feature keys, the label offset to subtract, one label or several,
+    and the most pixels an image's header may declare (0: no limit)."""
 
     image_key: str = "image/encoded"
     label_key: str = "image/class/label"
     label_offset: int = 0
     several_labels: bool = False  # the task's: a list of ids per image
+    max_pixels: int = 40_000_000
 
 
 @dataclasses.dataclass(frozen=True)

@@ -43,7 +43,8 @@ def run(c, job_dir):
         inputs = data.prepare_inputs(
             c.training_data_path, c.validation_data_path, c.num_classes, task, image_key=c.image_key,
             label_key=c.label_key, label_offset=c.label_offset, label_map_path=c.label_map_path,
-            max_corrupt_fraction=c.max_corrupt_fraction, scan_cache_dir=c.scan_cache_dir, image_size=c.image_size,
+            max_corrupt_fraction=c.max_corrupt_fraction, max_image_pixels=c.max_image_pixels,
+            scan_cache_dir=c.scan_cache_dir, image_size=c.image_size,
             train_batch_size=c.train_batch_size, eval_batch_size=c.eval_batch_size,
             num_eval_images=c.num_eval_images, seed=c.seed,
             random_crop_min_area=c.random_crop_min_area or task.crop_min_area, random_flip=c.random_flip,
@@ -100,32 +101,32 @@ def run(c, job_dir):
                 shuffle=False,  # the input pipeline shuffles, reproducibly
                 verbose=0,
             )
-    finally:
-        rundir.close_run_dir(out)
-    if reporter.signalled:
-        name = signal.Signals(reporter.signalled).name
-        raise cli.RunStopped(f"stopped by {name} at step {reporter.step}, after saving a checkpoint there; rerun the "
-                             f"same command to resume from step {reporter.step}", 128 + reporter.signalled)
-    best = reporter.best
-    if best is None:
-        raise UserError("no evaluation ran; check --max_steps and --eval_frequency")
-    if not out.is_chief:
-        cli.say(f"worker {cluster.index} done; the chief exports")
+        if reporter.signalled:
+            name = signal.Signals(reporter.signalled).name
+            raise cli.RunStopped(f"stopped by {name} at step {reporter.step}, after saving a checkpoint there; rerun the "
+                                 f"same command to resume from step {reporter.step}", 128 + reporter.signalled)
+        best = reporter.best
+        if best is None:
+            raise UserError("no evaluation ran; check --max_steps and --eval_frequency")
+        if not out.is_chief:
+            cli.say(f"worker {cluster.index} done; the chief exports")
+            return best[c.metric]
+        cli.say(f"exporting the best evaluation (step {best['step']}) to {out.model}")
+        export.export_saved_model(store.best_path(reporter.best_weights), c.model_type, c.task, c.num_classes,
+                                  c.image_size, inputs.class_names, out.model, evaluation=best)
+        if reporter.best_outputs is None:  # the best evaluation was a resumed run's predecessor's
+            model.load_weights(store.best_path(reporter.best_weights))
+            _, *reporter.best_outputs = evaluate_model(model, inputs.evaluation, c.eval_batch_size, task, settings)
+        logits, targets = reporter.best_outputs
+        run_report.write(out.file("report"), config={**c.to_dict(), "job_dir": job_dir}, evaluations=reporter.evaluations,
+                         training_log=reporter.training_log, best=best, metric=c.metric, task_name=c.task,
+                         class_names=inputs.class_names,
+                         validation=(evaluation_images(inputs.evaluation), targets, task.probabilities(logits).numpy()))
+        cli.say(f"run report: {out.file('report')}/report.html")
+        cli.say(f"{c.metric}={best[c.metric]:.4f}")
         return best[c.metric]
-    cli.say(f"exporting the best evaluation (step {best['step']}) to {out.model}")
-    export.export_saved_model(store.best_path(reporter.best_weights), c.model_type, c.task, c.num_classes,
-                              c.image_size, inputs.class_names, out.model, evaluation=best)
-    if reporter.best_outputs is None:  # the best evaluation was a resumed run's predecessor's
-        model.load_weights(store.best_path(reporter.best_weights))
-        _, *reporter.best_outputs = evaluate_model(model, inputs.evaluation, c.eval_batch_size, task, settings)
-    logits, targets = reporter.best_outputs
-    run_report.write(out.file("report"), config={**c.to_dict(), "job_dir": job_dir}, evaluations=reporter.evaluations,
-                     training_log=reporter.training_log, best=best, metric=c.metric, task_name=c.task,
-                     class_names=inputs.class_names,
-                     validation=(evaluation_images(inputs.evaluation), targets, task.probabilities(logits).numpy()))
-    cli.say(f"run report: {out.file('report')}/report.html")
-    cli.say(f"{c.metric}={best[c.metric]:.4f}")
-    return best[c.metric]
+    finally:
+        rundir.close_run_dir(out)  # the job-dir's lock: held until the export and the report are written
 
 
 # Signals that end a run cleanly, and what the handler has seen while fit runs.
