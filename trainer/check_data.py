@@ -44,7 +44,7 @@ NAMED_CLASSES = 20  # up to this many classes, the text report lists every one
 SHORTER_SIDE_EDGES = (32, 64, 128, 224, 512, 1024)  # pixels: the buckets of the image size distribution
 PROGRESS_EVERY_S = 30
 DATA_FLAGS = ("training_data_path", "validation_data_path", "num_classes", "task", "image_key", "label_key",
-              "label_offset", "label_map_path", "max_corrupt_fraction", "max_image_pixels")
+              "label_offset", "label_map_path", "max_corrupt_fraction", "max_image_pixels", "tfds_data_dir")
 
 _OPTIONAL_HERE = {"validation_data_path": "Same forms as --training_data_path; also checked for copies of training "
                                           "images (leakage). Optional."}
@@ -120,14 +120,15 @@ def _checked_settings(values):
 
 
 def check(training_data_path, validation_data_path, num_classes, task, *, image_key, label_key, label_offset,
-          label_map_path, max_corrupt_fraction, max_image_pixels=40_000_000):
+          label_map_path, max_corrupt_fraction, max_image_pixels=40_000_000, tfds_data_dir=""):
     """The report, a JSON-able dict: per set what it holds and its problems, leakage, warnings, and the
     trainer's verdict ("error": its message when it would refuse the data, else None)."""
     from trainer.sources import RecordFormat, class_names, open_source
 
     fmt = RecordFormat(image_key, label_key, label_offset, TASKS[task].several_labels, max_image_pixels)
-    train_source = open_source(training_data_path, "training_data_path", fmt)
-    eval_source = open_source(validation_data_path, "validation_data_path", fmt) if validation_data_path else None
+    train_source = open_source(training_data_path, "training_data_path", fmt, tfds_data_dir)
+    eval_source = (open_source(validation_data_path, "validation_data_path", fmt, tfds_data_dir)
+                   if validation_data_path else None)
     names = class_names(train_source, eval_source or train_source, num_classes, label_map_path)
     train = read_records(training_data_path, train_source, num_classes, fmt)
     sets = {"training": train}

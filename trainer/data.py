@@ -74,7 +74,7 @@ def _encoded(source, keys, fmt, shuffle_seed=None, read=True):
     in place of the bytes), so that skipping records costs no file reads.
     """
     if source.kind == "tfrecord":
-        ds = _tfrecord_records(source, shuffle_seed).map(_parser(fmt), num_parallel_calls=AUTOTUNE)
+        ds = _tfrecord_records(source, shuffle_seed).map(_parser(source.record_format(fmt)), num_parallel_calls=AUTOTUNE)
         if keys is not None:  # some records were left out by the scan
             keep = tf.lookup.StaticHashTable(tf.lookup.KeyValueTensorInitializer(keys, tf.ones_like(keys)), 0)
             ds = ds.filter(lambda key, image, label: keep.lookup(key) > 0)
@@ -195,13 +195,13 @@ def _read_labels(source, fmt):
         lengths = [len(ids) for ids in source.labels]
         labels = np.array([i for ids in source.labels for i in ids], dtype=np.int64)
         return np.arange(len(source.files), dtype=np.int64), labels, _splits(lengths)
-    ds = _tfrecord_records(source).map(_parser(fmt), num_parallel_calls=AUTOTUNE)
+    ds = _tfrecord_records(source).map(_parser(source.record_format(fmt)), num_parallel_calls=AUTOTUNE)
     ds = ds.map(lambda key, image, label: (key, tf.reshape(label, [-1])))
     ds = ds.ragged_batch(4096).map(_flat_labels)  # large batches: small ones cost seconds of buffer set-up
     try:
         chunks = list(ds.as_numpy_iterator())
     except (tf.errors.DataLossError, tf.errors.InvalidArgumentError) as e:
-        raise UserError(_describe_tfrecord_error(source, _parser(fmt), e)) from None
+        raise UserError(_describe_tfrecord_error(source, _parser(source.record_format(fmt)), e)) from None
     if not chunks:
         raise UserError(f"--{source.flag}: the TFRecord files hold no records")
     keys, labels, lengths = (np.concatenate([c[i] for c in chunks]) for i in range(3))
@@ -374,15 +374,15 @@ class Inputs:
 
 
 def prepare_inputs(training_path, validation_path, num_classes, task, *, image_key, label_key, label_offset,
-                   label_map_path, max_corrupt_fraction, max_image_pixels, scan_cache_dir, image_size, train_batch_size,
+                   label_map_path, max_corrupt_fraction, max_image_pixels, tfds_data_dir, scan_cache_dir, image_size, train_batch_size,
                    eval_batch_size, num_eval_images, seed, random_crop_min_area, random_flip, augmentation,
                    randaugment_magnitude, mixup_alpha, cutmix_alpha, random_erasing, class_balancing,
                    max_batch_fraction, replicas, start_step):
     """Opens and scans both sources (every bad label or unreadable image is found here, before any step),
     and returns the two datasets with the class names and the training batch (see fitted_batch_size)."""
     fmt = RecordFormat(image_key, label_key, label_offset, task.several_labels, max_image_pixels)
-    train_source = open_source(training_path, "training_data_path", fmt)
-    eval_source = open_source(validation_path, "validation_data_path", fmt)
+    train_source = open_source(training_path, "training_data_path", fmt, tfds_data_dir)
+    eval_source = open_source(validation_path, "validation_data_path", fmt, tfds_data_dir)
     names = class_names(train_source, eval_source, num_classes, label_map_path)
     cli.say(f"scanning {training_path} and {validation_path} ...")
     train_scan = scan_cached(train_source, num_classes, fmt, max_corrupt_fraction, scan_cache_dir)

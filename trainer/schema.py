@@ -35,8 +35,11 @@ def _flag(name, kind, default, help, group, **kwargs):  # noqa: A002 - the Flag 
 
 TRAINER_FLAGS = (
     # data
-    _flag("training_data_path", "string", None, "TFRecord glob, folder with one subfolder per class, or image-list "
-          ".txt/.lst file (local or gs://).", "data", required=True, fingerprint=True),
+    _flag("training_data_path", "string", None, "TFRecord glob (or a folder of TFRecord files), folder with one "
+          "subfolder per class, image-list .txt/.lst file (local or gs://), or tfds:NAME[/CONFIG][:VERSION]/SPLIT.",
+          "data", required=True, fingerprint=True),
+    _flag("tfds_data_dir", "string", "", "Where tfds: datasets are prepared (local or gs://); default TFDS's own "
+          "~/tensorflow_datasets. Nothing is downloaded.", "data"),
     _flag("validation_data_path", "string", None, "Same forms as --training_data_path; evaluated every "
           "--eval_frequency steps.", "data", required=True),
     _flag("num_classes", "integer", None, "Number of classes; labels must lie in [0, num_classes) after "

@@ -10,7 +10,10 @@ A path is one of three sources (chosen by its form):
   * otherwise TFRecord files of tf.Example records (their labels are read by
     the scan in data.py): a glob, or a folder without subfolders that holds
     them (a SageMaker channel, a Beam or Spark job's output), every file in
-    it but hidden ones (`.x`, `_SUCCESS`), images and lists.
+    it but hidden ones (`.x`, `_SUCCESS`), images and lists;
+  * `tfds:NAME[/CONFIG][:VERSION]/SPLIT`: a TensorFlow Datasets dataset already
+    prepared in --tfds_data_dir, read as the TFRecord files it is, with its
+    own image and label features and its ClassLabel's names (nothing is downloaded).
 Also the class names, in label order. No image is opened here.
 """
 
@@ -43,8 +46,15 @@ class Source:
     kind: str  # "tfrecord" | "folder" | "list"
     files: tuple  # TFRecord files, or one image path per record
     labels: tuple = ()  # per record, a tuple of label ids, for "folder" and "list"; TFRecords hold their own
-    class_names: tuple = ()  # subfolder names for "folder"
+    class_names: tuple = ()  # subfolder names for "folder"; the ClassLabel's names for a TFDS dataset
     lines: tuple = ()  # list-file line number per record, for error messages
+    features: tuple = ()  # (image key, label key) of a TFDS dataset's records, in place of the flags'
+
+    def record_format(self, fmt):
+        """fmt, with this source's own feature keys when it has them."""
+        if not self.features:
+            return fmt
+        return dataclasses.replace(fmt, image_key=self.features[0], label_key=self.features[1])
 
     def locate(self, key):
         """Where record `key` lives, as a person would look for it."""
@@ -56,7 +66,9 @@ class Source:
         return self.files[key]
 
 
-def open_source(path, flag, fmt=RecordFormat()):
+def open_source(path, flag, fmt=RecordFormat(), tfds_data_dir=""):
+    if path.startswith(TFDS_PREFIX):
+        return _tfds_source(path, flag, tfds_data_dir, fmt.several_labels)
     if tf.io.gfile.isdir(path):
         return _folder_source(path, flag)
     if path.lower().endswith(LIST_EXTENSIONS):
@@ -65,6 +77,58 @@ def open_source(path, flag, fmt=RecordFormat()):
     if not files:
         raise UserError(f"--{flag}: no files match {path!r} (give a TFRecord glob, a folder per class, or a .txt image list)")
     return Source(flag, "tfrecord", files)
+
+
+TFDS_PREFIX = "tfds:"
+
+
+def _tfds_source(path, flag, data_dir, several_labels):
+    """tfds:NAME[/CONFIG][:VERSION]/SPLIT, prepared under data_dir: its split's TFRecord files."""
+    name, _, split = path[len(TFDS_PREFIX):].rpartition("/")
+    if not name or not split:
+        raise UserError(f"--{flag}={path}: expected tfds:NAME[/CONFIG][:VERSION]/SPLIT, e.g. tfds:mnist/train")
+    import tensorflow_datasets as tfds
+
+    data_dir = data_dir or None  # TFDS's own default, ~/tensorflow_datasets
+    try:
+        builder = tfds.builder(name, data_dir=data_dir)
+        prepared = tf.io.gfile.exists(os.path.join(builder.data_dir, "dataset_info.json"))
+    except (tfds.core.registered.DatasetNotFoundError, ValueError) as e:
+        builder, prepared = None, False
+        reason = str(e).splitlines()[0]
+    if not prepared:
+        where = data_dir or "~/tensorflow_datasets"
+        raise UserError(f"--{flag}={path}: {name} is not prepared in {where} (nothing is downloaded while training); "
+                        f"prepare it once with `tfds build {name.split(':')[0]} --data_dir={where}` where the network "
+                        f"is reachable, then give --tfds_data_dir={where}" + ("" if builder else f" ({reason})"))
+    splits = builder.info.splits
+    if split not in splits:
+        raise UserError(f"--{flag}={path}: {name} has no split {split!r}; it has {', '.join(sorted(splits))}")
+    if str(builder.info.file_format).lower().split(".")[-1] != "tfrecord":
+        raise UserError(f"--{flag}={path}: {name} is stored as {builder.info.file_format}; only TFRecord is read")
+    image_key, label_key, names = _tfds_features(builder.info.features, several_labels, flag, path)
+    files = tuple(str(p) for p in splits[split].filepaths)
+    return Source(flag, "tfrecord", files, class_names=names, features=(image_key, label_key))
+
+
+def _tfds_features(features, several_labels, flag, path):
+    """(image key, label key, class names) of a dataset's features: its one Image and its ClassLabel
+    (multi_label: a Sequence of ClassLabel)."""
+    import tensorflow_datasets as tfds
+
+    image = [k for k, f in features.items() if isinstance(f, tfds.features.Image)]
+    if several_labels:
+        labels = [k for k, f in features.items() if isinstance(f, tfds.features.Sequence)
+                  and isinstance(f.feature, tfds.features.ClassLabel)]
+    else:
+        labels = [k for k, f in features.items() if isinstance(f, tfds.features.ClassLabel)]
+    if len(image) != 1 or len(labels) != 1:
+        wanted = "a Sequence of ClassLabel" if several_labels else "a ClassLabel"
+        raise UserError(f"--{flag}={path}: expected one Image feature and one {wanted} feature, found "
+                        f"{', '.join(f'{k} ({type(f).__name__})' for k, f in features.items())}")
+    label = features[labels[0]]
+    names = tuple((label.feature if several_labels else label).names)
+    return image[0], labels[0], names
 
 
 def _folder_source(path, flag):
@@ -157,5 +221,10 @@ def class_names(train_source, eval_source, num_classes, label_map_path):
     if train_source.kind == "folder":
         if len(train_source.class_names) != num_classes:
             raise UserError(f"--num_classes={num_classes} but --training_data_path has {len(train_source.class_names)} class subfolders")
+        return train_source.class_names
+    if train_source.class_names:  # a TFDS dataset's ClassLabel
+        if len(train_source.class_names) != num_classes:
+            raise UserError(f"--num_classes={num_classes} but --training_data_path's dataset has "
+                            f"{len(train_source.class_names)} classes")
         return train_source.class_names
     return tuple(str(i) for i in range(num_classes))

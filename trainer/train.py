@@ -43,7 +43,7 @@ def run(c, job_dir):
         inputs = data.prepare_inputs(
             c.training_data_path, c.validation_data_path, c.num_classes, task, image_key=c.image_key,
             label_key=c.label_key, label_offset=c.label_offset, label_map_path=c.label_map_path,
-            max_corrupt_fraction=c.max_corrupt_fraction, max_image_pixels=c.max_image_pixels,
+            max_corrupt_fraction=c.max_corrupt_fraction, max_image_pixels=c.max_image_pixels, tfds_data_dir=c.tfds_data_dir,
             scan_cache_dir=c.scan_cache_dir, image_size=c.image_size,
             train_batch_size=c.train_batch_size, eval_batch_size=c.eval_batch_size,
             num_eval_images=c.num_eval_images, seed=c.seed,
