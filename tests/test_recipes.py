@@ -243,3 +243,11 @@ def test_synchronised_batch_norm_takes_statistics_over_the_global_batch(sync, me
     assert result.returncode == 0, result.stderr[-2000:]
     # Unsynchronised, the moving mean is one device's (the first replica's variables are read back: 0).
     assert np.isclose(float(result.stdout.split()[-1]), mean)
+
+
+@pytest.mark.parametrize("step, decay", [(0, 0.0), (10, 0.5), (90, 0.9), (990, 0.99), (100_000, 0.999)])
+def test_the_moving_average_decay_warms_up(step, decay):
+    # Without the warm-up, 0.999 ** 1000 = 37% of a 1,000-step run's average is the random initial weights.
+    from trainer import models
+
+    assert float(models.ema_decay_at(float(step), 0.999)) == pytest.approx(decay)

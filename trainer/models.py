@@ -108,7 +108,9 @@ def make_optimizer(optimizer_type, learning_rate, optimizer_arguments=(), ema_de
     """momentum (SGD, momentum 0.9 unless given) | adam | rmsprop, with extra constructor arguments.
 
     ema_decay > 0: the optimizer also keeps an exponential moving average of the
-    weights (Keras's use_ema; `averaged_weights` swaps it in).
+    weights (Keras's use_ema; `averaged_weights` swaps it in), its decay warmed up
+    as min(ema_decay, step / (10 + step)) so that the random initial weights do
+    not linger in the average of a short run (0.999 ** 1000 = 0.37).
     frozen, frozen_steps: these variables get no update for the first frozen_steps
     steps (their gradients are zeroed), so the optimizer's variables, and a
     checkpoint's, are the same whether or not a run starts frozen.
@@ -121,7 +123,29 @@ def make_optimizer(optimizer_type, learning_rate, optimizer_arguments=(), ema_de
     cls = {"momentum": keras.optimizers.SGD, "adam": keras.optimizers.Adam, "rmsprop": keras.optimizers.RMSprop}[optimizer_type]
     if frozen_steps:
         cls = _frozen_at_first(cls, {id(v) for v in frozen}, frozen_steps)
+    if ema_decay:
+        cls = _warmed_up_average(cls)
     return cls(learning_rate=learning_rate, **kwargs)
+
+
+def ema_decay_at(step, ema_decay):
+    """The moving average's decay at a step (0-based; 0 at step 0: the average starts as the weights)."""
+    return keras.ops.minimum(ema_decay, step / (10.0 + step))
+
+
+def _warmed_up_average(cls):
+    """A subclass of optimizer class cls whose weights' average uses ema_decay_at()."""
+
+    def _update_model_variables_moving_average(self, trainable_variables):
+        step = keras.ops.cast(self.iterations, "float32")
+        for var, average in zip(trainable_variables, self._model_variables_moving_average):
+            if average is None:
+                continue
+            decay = keras.ops.cast(ema_decay_at(step, self.ema_momentum), var.dtype)
+            average.assign(decay * average + (1 - decay) * var)
+
+    return type(f"Averaged{cls.__name__}", (cls,), {"_update_model_variables_moving_average":
+                                                     _update_model_variables_moving_average})
 
 
 def _frozen_at_first(cls, frozen_ids, frozen_steps):
