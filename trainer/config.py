@@ -95,7 +95,10 @@ def from_values(values):
         value = values.get(flag.name)
         if value is not None:
             kwargs[flag.name] = parse_value(flag, value)
-    cli.require([flag.name for flag in schema.config_flags() if flag.required and flag.name not in kwargs])
+    missing = [flag.name for flag in schema.config_flags() if flag.required and flag.name not in kwargs]
+    if "max_steps" not in kwargs and not kwargs.get("num_epochs"):
+        missing.append("max_steps (or --num_epochs)")
+    cli.require(missing)
     config = Config(**kwargs)
     validate(config)
     return config
