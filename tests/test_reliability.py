@@ -133,3 +133,17 @@ def test_a_decompression_bomb_in_the_training_data_is_left_out_undecoded(tmp_pat
                              "--max_corrupt_fraction=0.1"], capture_output=True, text=True,
                             env=dict(os.environ, PYTHONPATH=ROOT), cwd=ROOT)
     assert "its header declares 529,000,000 pixels, more than --max_image_pixels=40,000,000" in report.stdout
+
+
+def test_a_stalled_export_leaves_the_threads_stacks_beside_it(tmp_path, monkeypatch, capsys):
+    from trainer import export, models
+
+    weights = str(tmp_path / "w.weights.h5")
+    models.build_model("resnet-18", 3, 16).save_weights(weights)
+    export.export_saved_model(weights, "resnet-18", "classification", 3, 16, ["a", "b", "c"], str(tmp_path / "fast" / "model"))
+    assert os.listdir(tmp_path / "fast") == ["model"]  # a normal export leaves nothing else
+    monkeypatch.setattr(export, "STALL_SECONDS", 0.01)  # any export is "stalled" after 10 ms
+    export.export_saved_model(weights, "resnet-18", "classification", 3, 16, ["a", "b", "c"], str(tmp_path / "slow" / "model"))
+    stacks = (tmp_path / "slow" / "export-stall-stacks.txt").read_text()
+    assert "most recent call first" in stacks and "export.py" in stacks
+    assert f"the threads' stacks at that moment are in {tmp_path / 'slow' / 'export-stall-stacks.txt'}" in capsys.readouterr().out

@@ -17,6 +17,8 @@ so it loads on plain CPU TensorFlow whatever trained it: a JAX run exports in
 a child process (`python -m trainer.export SPEC.json`).
 """
 
+import contextlib
+import faulthandler
 import json
 import os
 import subprocess
@@ -39,8 +41,40 @@ def export_saved_model(weights_path, model_type, task, num_classes, image_size, 
     spec = dict(weights_path=weights_path, model_type=model_type, task=task, num_classes=num_classes,
                 image_size=image_size, class_names=list(class_names), export_dir=export_dir,
                 evaluation=evaluation or {})
-    if keras.backend.backend() != "tensorflow":
-        return _export_in_child(spec)
+    with stacks_if_slow(export_dir):
+        if keras.backend.backend() != "tensorflow":
+            return _export_in_child(spec)
+        return _export(**spec)
+
+
+STALL_SECONDS = 60  # an export takes seconds; one past this has stalled, and says where
+
+
+@contextlib.contextmanager
+def stacks_if_slow(export_dir):
+    """Writes every thread's stack beside a local export_dir if the export is still running after
+    STALL_SECONDS (once, an export took 41 s with the CPU idle and no way to tell why)."""
+    if files.is_remote(export_dir):
+        yield
+        return
+    path = os.path.join(os.path.dirname(os.path.abspath(export_dir)), "export-stall-stacks.txt")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        faulthandler.dump_traceback_later(STALL_SECONDS, file=f)
+        try:
+            yield
+        finally:
+            faulthandler.cancel_dump_traceback_later()
+    if os.path.getsize(path):
+        from trainer import cli
+
+        cli.say(f"the export took more than {STALL_SECONDS} s; the threads' stacks at that moment are in {path}")
+    else:
+        os.remove(path)
+
+
+def _export(*, weights_path, model_type, task, num_classes, image_size, class_names, export_dir, evaluation):
+    import keras
     import tensorflow as tf
 
     from trainer import images, models
