@@ -1,11 +1,14 @@
 """run(config, job_dir): the whole training story, from paths to SavedModel.
 
-Prepare the inputs, build the model, fit in chunks of eval_frequency steps
-with one Reporter, export the best evaluation. Each chunk ends with an
-evaluation, a checkpoint (weights, optimizer state, step; the input pipeline
-is a pure function of seed and step, so that is the data position too), and,
-when the evaluation is the best so far, best-STEP.weights.h5. The SavedModel
-in model/ is exported from the best weights at the end.
+Prepare the inputs, resolve what depends on the data (epochs, the batch),
+build the model, fit with one Reporter, export the best evaluation and write
+the run report. Every eval_frequency steps (multiples of it, whatever step a
+run resumed at) the Reporter evaluates, then checkpoints (weights, optimizer
+state, step; the input pipeline is a pure function of seed and step, so that
+is the data position too) and keeps best-STEP.weights.h5 when the evaluation
+is the best so far. Stopping decides when a run ends early (time budget,
+early stopping); a signal or a NaN loss ends it cleanly (stop_on_signals,
+RunStopped). The SavedModel in model/ is exported from the best weights.
 """
 
 import contextlib
