@@ -38,8 +38,6 @@ TRAINER_FLAGS = (
     _flag("training_data_path", "string", None, "TFRecord glob (or a folder of TFRecord files), folder with one "
           "subfolder per class, image-list .txt/.lst file (local or gs://), or tfds:NAME[/CONFIG][:VERSION]/SPLIT.",
           "data", required=True, fingerprint=True),
-    _flag("tfds_data_dir", "string", "", "Where tfds: datasets are prepared (local or gs://); default TFDS's own "
-          "~/tensorflow_datasets. Nothing is downloaded.", "data"),
     _flag("validation_data_path", "string", None, "Same forms as --training_data_path; evaluated every "
           "--eval_frequency steps.", "data", required=True),
     _flag("num_classes", "integer", None, "Number of classes; labels must lie in [0, num_classes) after "
@@ -52,6 +50,8 @@ TRAINER_FLAGS = (
     _flag("label_map_path", "string", "", "Text file with one class name per line, in label order.", "data"),
     _flag("max_corrupt_fraction", "float", 0.01, "Stop with an error when more than this fraction of images cannot "
           "be decoded.", "data"),
+    _flag("tfds_data_dir", "string", "", "Where tfds: datasets are prepared (local or gs://); default TFDS's own "
+          "~/tensorflow_datasets. Nothing is downloaded.", "data"),
     _flag("max_image_pixels", "integer", 40_000_000, "An image whose header declares more pixels than this is "
           "left out as unreadable, without being decoded (decompression bombs); 0 = no limit.", "data"),
     _flag("scan_cache_dir", "string", "", "Folder (local or gs://) that keeps what the pre-training scan of the data "
