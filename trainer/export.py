@@ -41,9 +41,9 @@ def export_saved_model(weights_path, model_type, task, num_classes, image_size, 
     spec = dict(weights_path=weights_path, model_type=model_type, task=task, num_classes=num_classes,
                 image_size=image_size, class_names=list(class_names), export_dir=export_dir,
                 evaluation=evaluation or {})
+    if keras.backend.backend() != "tensorflow":
+        return _export_in_child(spec)  # which watches itself
     with stacks_if_slow(export_dir):
-        if keras.backend.backend() != "tensorflow":
-            return _export_in_child(spec)
         return _export(**spec)
 
 
