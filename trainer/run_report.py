@@ -42,7 +42,8 @@ def write(report_dir, *, config, evaluations, training_log, best, metric, task_n
 
     config: the run's resolved flags (dict); evaluations: every evaluation
     ({"step", metric values...}, as in metrics.json); training_log: rows of
-    {"step", "loss", "learning_rate"}; best: the best evaluation; metric: the
+    {"step", "loss", "learning_rate"} (and "data_loss", the loss without weight decay, plotted when
+    present); best: the best evaluation; metric: the
     tuned metric's name; validation: None, or (images uint8 [N, H, W, 3] (any
     sequence; only the worst few are read; None for no grid), targets [N, C]
     one-hot or multi-hot, probabilities [N, C]) of the best evaluation.
@@ -186,7 +187,10 @@ def _png(figure):
 def _curves_png(training_log, evaluations, metric, best):
     figure = _figure(13, 3.6)
     loss, score, lr = figure.subplots(1, 3)
-    _line(loss, training_log, "loss", "-", label="training", linewidth=1)
+    if any("data_loss" in row for row in training_log):  # the data's part: comparable with validation's
+        _line(loss, training_log, "data_loss", "-", label="training (without weight decay)", linewidth=1)
+    else:
+        _line(loss, training_log, "loss", "-", label="training", linewidth=1)
     _line(loss, evaluations, "loss", "o-", label="validation", markersize=3)
     _line(score, evaluations, metric, "o-", color="tab:green", markersize=3)
     if best and best.get(metric) is not None:
