@@ -24,6 +24,7 @@ setup(
         "pyyaml>=6",
         "optuna>=4.2",
         "plotly>=5",  # the study driver's HTML plots
+        "pillow>=10",  # predict and serve read an image's size from its header before decoding it
         "matplotlib>=3.8",  # the run report's plots (report/ in the job-dir); tested with 3.11.2
         "psycopg2-binary>=2.9",  # distributed studies on PostgreSQL
         "scikit-learn>=1.4",  # ships the bundled digits sample

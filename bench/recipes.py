@@ -44,6 +44,14 @@ def trainer(job_dir, flags):
     return json.load(open(os.path.join(job_dir, "metrics.json"))), seconds
 
 
+def table(header, rows):
+    """Prints a markdown table: header is the row of titles, rows hold already formatted cells."""
+    print("\n| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for row in rows:
+        print("| " + " | ".join(str(cell) for cell in row) + " |")
+
+
 def write_examples(path, images, label_lists):
     import tensorflow as tf
 
@@ -79,10 +87,8 @@ def imbalance(work):
             recalls = [float(row["recall"]) for row in csv.DictReader(f)]  # in class-id order
         rows.append((name, metrics["best"]["top_1_accuracy"], np.mean(recalls), np.mean([recalls[c] for c in CUT]),
                      seconds))
-    print("\n| --class_balancing / --ohem_top_ratio | top-1 | macro recall | recall of the cut classes | wall s |")
-    print("|---|---|---|---|---|")
-    for name, top1, macro, cut, seconds in rows:
-        print(f"| {name} | {top1:.4f} | {macro:.4f} | {cut:.4f} | {seconds:.0f} |")
+    table(("--class_balancing / --ohem_top_ratio", "top-1", "macro recall", "recall of the cut classes", "wall s"),
+          [(name, f"{top1:.4f}", f"{macro:.4f}", f"{cut:.4f}", f"{seconds:.0f}") for name, top1, macro, cut, seconds in rows])
 
 
 def recipe(work):
@@ -94,10 +100,8 @@ def recipe(work):
                          ["--augmentation=randaugment", "--mixup_alpha=0.2", "--cutmix_alpha=1.0", "--ema_decay=0.999"])):
         metrics, seconds = trainer(os.path.join(work, "recipe-" + str(len(rows))), base + extra)
         rows.append((name, metrics["best"]["top_1_accuracy"], metrics["best"]["step"], seconds))
-    print("\n| digits quick start | best top-1 | at step | wall s |")
-    print("|---|---|---|---|")
-    for name, top1, step, seconds in rows:
-        print(f"| {name} | {top1:.4f} | {step} | {seconds:.0f} |")
+    table(("digits quick start", "best top-1", "at step", "wall s"),
+          [(name, f"{top1:.4f}", step, f"{seconds:.0f}") for name, top1, step, seconds in rows])
 
 
 def mosaics(images, labels, count, rng):
@@ -135,10 +139,8 @@ def mosaic_runs(work):
                         ("old default crop (min area 0.08, flip)", ["--random_crop_min_area=0.08"])):
         metrics, seconds = trainer(os.path.join(work, "mosaic-" + str(len(rows))), base + extra)
         rows.append((name, metrics["best"]["mAP"], metrics["best"]["step"], seconds))
-    print("\n| multi-label mosaics, 600 steps | best mAP | at step | wall s |")
-    print("|---|---|---|---|")
-    for name, value, step, seconds in rows:
-        print(f"| {name} | {value:.4f} | {step} | {seconds:.0f} |")
+    table(("multi-label mosaics, 600 steps", "best mAP", "at step", "wall s"),
+          [(name, f"{value:.4f}", step, f"{seconds:.0f}") for name, value, step, seconds in rows])
 
 
 def main():
@@ -146,6 +148,9 @@ def main():
     parser.add_argument("--work", required=True, help="folder for the data sets and runs")
     parser.add_argument("--only", default="imbalance,recipe,mosaics")
     args = parser.parse_args()
+    from trainer import cli
+
+    cli.import_tensorflow_quietly()
     os.makedirs(args.work, exist_ok=True)
     experiments = {"imbalance": imbalance, "recipe": recipe, "mosaics": mosaic_runs}
     for name in args.only.split(","):

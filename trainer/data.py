@@ -96,16 +96,10 @@ def _encoded(source, keys, fmt, shuffle_seed=None, read=True):
 
 def scan(source, num_classes, fmt, max_corrupt_fraction):
     """Reads every record once; raises UserError for bad labels or too many corrupt images."""
-    all_keys, labels, splits = _read_labels(source, fmt)
+    all_keys, labels, splits, _, message = label_check(source, num_classes, fmt)
+    if message:
+        raise UserError(message)
     record = np.repeat(np.arange(len(all_keys)), np.diff(splits))  # of each label
-    bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
-    if bad.size:
-        offset = 0 if source.kind == "folder" else fmt.label_offset  # folder labels are subfolder positions
-        raise UserError(
-            f"--{source.flag}: label {labels[bad[0]] + offset} of {source.locate(all_keys[record[bad[0]]])} is outside "
-            f"[0, {num_classes}) after --label_offset={offset} ({len(np.unique(record[bad]))} such records; "
-            "check --num_classes and --label_offset)"
-        )
     decodable = _decodable_keys(source, fmt)
     usable = np.isin(all_keys, decodable)
     bad = all_keys[~usable]
@@ -264,7 +258,7 @@ def _decodable_keys(source, fmt):
 
 
 def label_check(source, num_classes, fmt):
-    """scan()'s label pass, record by record: (keys, labels, label_splits, bad, message).
+    """The scan's label pass, record by record: (keys, labels, label_splits, bad, message).
 
     keys, labels and label_splits are every record's, as _read_labels() reads them; bad holds the
     indices (into keys) of the records with a label outside [0, num_classes), and message the error

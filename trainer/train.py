@@ -119,8 +119,9 @@ def run(c, job_dir):
                                   c.image_size, inputs.class_names, out.model, evaluation=best)
         if reporter.best_outputs is None:  # the best evaluation was a resumed run's predecessor's
             model.load_weights(store.best_path(reporter.best_weights))
-            _, *reporter.best_outputs = evaluate_model(model, inputs.evaluation, c.eval_batch_size, task, settings)
-        logits, targets = reporter.best_outputs
+            _, logits, targets = evaluate_model(model, inputs.evaluation, c.eval_batch_size, task, settings)
+        else:
+            logits, targets = reporter.best_outputs
         run_report.write(out.file("report"), config={**c.to_dict(), "job_dir": job_dir}, evaluations=reporter.evaluations,
                          training_log=reporter.training_log, best=best, metric=c.metric, task_name=c.task,
                          class_names=inputs.class_names,
