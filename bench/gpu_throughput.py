@@ -25,6 +25,7 @@ import json
 import os
 import sys
 import time
+import types
 
 import numpy as np
 
@@ -87,7 +88,8 @@ def build(model_type, image_size, precision, steps_per_execution, num_classes=NU
     one_pass = {"auto": None, "keras": False, "one_pass": True}[bn_moments]
     model = models.build_model(model_type, num_classes, image_size, weight_decay=1e-4, seed=0, one_pass_moments=one_pass)
     optimizer = models.make_optimizer("momentum", learning_rate)
-    models.compile_model(model, optimizer, CLASSIFICATION.loss(0.1), steps_per_execution=steps_per_execution)
+    loss = CLASSIFICATION.loss(types.SimpleNamespace(label_smoothing=0.1))
+    models.compile_model(model, optimizer, loss, steps_per_execution=steps_per_execution)
     return model
 
 

@@ -1,5 +1,7 @@
 """The Task objects: targets, losses, evaluation and export outputs of each task, on hand-made numbers."""
 
+import types
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -17,8 +19,9 @@ def test_losses_are_softmax_and_sigmoid_cross_entropy():
     logits, target = np.array([[2.0, 0.0]]), np.array([[1.0, 0.0]])
     softmax = -np.log(np.exp(2) / (np.exp(2) + 1))
     sigmoid = (-np.log(1 / (1 + np.exp(-2))) - np.log(1 - 0.5)) / 2
-    assert float(CLASSIFICATION.loss(0.0)(target, logits)) == pytest.approx(softmax, rel=1e-5)
-    assert float(MULTI_LABEL.loss(0.0)(target, logits)) == pytest.approx(sigmoid, rel=1e-5)
+    config = types.SimpleNamespace(label_smoothing=0.0)
+    assert float(CLASSIFICATION.loss(config)(target, logits)) == pytest.approx(softmax, rel=1e-5)
+    assert float(MULTI_LABEL.loss(config)(target, logits)) == pytest.approx(sigmoid, rel=1e-5)
 
 
 def test_classification_evaluation_scores_the_softmax():

@@ -13,7 +13,7 @@ import dataclasses
 import math
 
 from trainer import cli, schema
-from trainer.backbones import BACKBONES
+from trainer.backbones import BACKBONES, NOT_BUILT, names_in_short
 from trainer.cli import UserError
 from trainer.tasks import TASKS
 
@@ -105,12 +105,13 @@ def from_values(values):
 
 
 # Constructor arguments each optimizer_type accepts from --optimizer_arguments.
-# learning_rate is a flag of its own; weight_decay is the L2 loss term.
+# learning_rate and weight_decay are flags of their own (the L2 loss term, or adamw's decoupled decay).
 # (use_ema is left out: Keras swaps the averaged weights in only when fit ends,
 # so evaluations and the best checkpoint would never see them.)
 _OPTIMIZER_ARGUMENTS = {
     "momentum": ("momentum", "nesterov", "clipnorm", "clipvalue", "global_clipnorm"),
     "adam": ("beta_1", "beta_2", "epsilon", "amsgrad", "clipnorm", "clipvalue", "global_clipnorm"),
+    "adamw": ("beta_1", "beta_2", "epsilon", "amsgrad", "clipnorm", "clipvalue", "global_clipnorm"),
     "rmsprop": ("rho", "momentum", "epsilon", "centered", "clipnorm", "clipvalue", "global_clipnorm"),
 }
 _BOOLEAN_ARGUMENTS = ("nesterov", "amsgrad", "centered")
@@ -119,6 +120,7 @@ _BOOLEAN_ARGUMENTS = ("nesterov", "amsgrad", "centered")
 def validate(config):
     """Raises UserError naming the first flag whose value cannot work."""
     c = config
+    _check_model_type(c.model_type)
     for flag in schema.config_flags():
         if flag.choices:
             value = getattr(c, flag.name)
@@ -137,9 +139,7 @@ def validate(config):
         _require(getattr(c, name) > 0, name, f"must be positive (got {getattr(c, name)})")
     _require(c.num_eval_images >= 0, "num_eval_images", f"must be 0 (all) or positive (got {c.num_eval_images})")
     backbone = BACKBONES[c.model_type]
-    _require(16 <= c.image_size <= 1024, "image_size", f"must be between 16 and 1024 pixels (got {c.image_size})")
-    _require(c.image_size >= backbone.min_image_size, "image_size",
-             f"must be at least {backbone.min_image_size} for {c.model_type} (got {c.image_size})")
+    _check_image_size(c.image_size, backbone)
     if c.hyperparameter_metric_tag:
         task = TASKS[c.task]
         _require(c.hyperparameter_metric_tag in task.metrics, "hyperparameter_metric_tag",
@@ -155,7 +155,7 @@ def validate(config):
     for flag in schema.config_flags():
         if flag.kind == "float":
             value = getattr(c, flag.name)
-            _require(math.isfinite(value), flag.name, f"must be a finite number (got {value})")
+            _require(value is None or math.isfinite(value), flag.name, f"must be a finite number (got {value})")
     for name in ("warmup_steps", "freeze_backbone_steps", "early_stopping_patience", "randaugment_magnitude",
                  "mixup_alpha", "cutmix_alpha", "early_stopping_min_delta", "ema_decay", "random_erasing",
                  "max_batch_fraction", "decay_power", "end_learning_rate"):
@@ -190,6 +190,64 @@ def validate(config):
         raise UserError(f"--pretrained_checkpoint_path=imagenet: Keras provides ImageNet weights for {families} only; "
                         f"for {c.model_type} give a .weights.h5 or .keras file")
     _validate_optimizer_arguments(c)
+    _validate_metric_learning(c)
+    _require(c.classifier_parallelism == "data" or c.backend == "jax", "classifier_parallelism",
+             "model needs the JAX backend (add --backend=jax): the head is split over the devices with "
+             "keras.distribution, which TensorFlow's strategies do not offer")
+
+
+# Ids above this lose precision as the float32 label a Keras loss receives.
+LARGEST_LABEL_ID = 1 << 24
+
+
+def _validate_metric_learning(c):
+    """metric_learning's flags; on other tasks, its flags left at their defaults."""
+    if c.task != "metric_learning":
+        changed = [name for name in ("metric_loss", "loss_scale", "loss_margin", "loss_weight", "embedding_size")
+                   if getattr(c, name) != schema.BY_NAME[name].default]
+        _require(not changed, changed[0] if changed else "", f"applies to --task=metric_learning only (this run's "
+                 f"--task is {c.task})")
+        return
+    _require(c.num_classes <= LARGEST_LABEL_ID, "num_classes", f"must be at most {LARGEST_LABEL_ID} for "
+             f"metric_learning (got {c.num_classes})")
+    _require(c.embedding_size > 0, "embedding_size", f"must be positive (got {c.embedding_size})")
+    _require(0 < c.loss_weight <= 1, "loss_weight", f"must be in (0, 1] (got {c.loss_weight})")
+    _require(c.loss_scale is None or c.loss_scale > 0, "loss_scale", f"must be positive (got {c.loss_scale})")
+    _require(c.loss_margin is None or c.loss_margin >= 0, "loss_margin", f"must be >= 0 (got {c.loss_margin})")
+    if c.metric_loss in ("large_margin", "sphereface") and c.loss_margin is not None:
+        _require(c.loss_margin >= 1 and c.loss_margin == int(c.loss_margin), "loss_margin",
+                 f"of {c.metric_loss} multiplies the angle: a whole number >= 1 (got {c.loss_margin:g})")
+    for name in ("mixup_alpha", "cutmix_alpha", "label_smoothing"):
+        _require(not getattr(c, name), name, "does not apply to metric_learning: a margin loss needs one hard "
+                 "class per image")
+
+
+def _check_model_type(model_type):
+    """One line listing the backbones in short; for a network this trainer does not build, why."""
+    if model_type in BACKBONES:
+        return
+    why = [reason for prefix, reason in NOT_BUILT.items() if model_type.lower().startswith(prefix)]
+    if why:
+        raise UserError(f"--model_type={model_type}: {why[0]}, so this trainer does not build it; "
+                        f"choose one of {names_in_short()}")
+    raise UserError(f"--model_type must be one of {names_in_short()} (got {model_type!r})")
+
+
+_LARGEST_IMAGE = 1024
+
+
+def _check_image_size(size, backbone):
+    """The sizes the backbone can take (see backbones.py), and the nearest ones, in one line."""
+    _require(16 <= size <= _LARGEST_IMAGE, "image_size", f"must be between 16 and {_LARGEST_IMAGE} pixels (got {size})")
+    step, smallest = backbone.size_multiple, backbone.min_image_size
+    if size >= smallest and size % step == 0:
+        return
+    if step == 1:
+        raise UserError(f"--image_size must be at least {smallest} for {backbone.name} (got {size})")
+    valid = range(-(-smallest // step) * step, _LARGEST_IMAGE + 1, step)
+    rule = f"a multiple of {step}" + (f" from {valid[0]}" if valid[0] > step else "")
+    nearest = [n for n in valid if n < size][-1:] + [n for n in valid if n > size][:1]
+    raise UserError(f"--image_size must be {rule} for {backbone.name} (got {size}; nearest: {' or '.join(map(str, nearest))})")
 
 
 def _validate_optimizer_arguments(c):

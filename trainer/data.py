@@ -261,18 +261,19 @@ def label_check(source, num_classes, fmt):
     """The scan's label pass, record by record: (keys, labels, label_splits, bad, message).
 
     keys, labels and label_splits are every record's, as _read_labels() reads them; bad holds the
-    indices (into keys) of the records with a label outside [0, num_classes), and message the error
-    scan() raises for them ("" when there are none).
+    indices (into keys) of the records with a label outside [0, num_classes) (num_classes None: any
+    label >= 0, an open set), and message the error scan() raises for them ("" when there are none).
     """
     keys, labels, splits = _read_labels(source, fmt)
     record = np.repeat(np.arange(len(keys)), np.diff(splits))  # of each label
-    bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
+    bad = np.flatnonzero((labels < 0) | (labels >= (num_classes or np.iinfo(np.int64).max)))
     if not bad.size:
         return keys, labels, splits, np.zeros([0], np.int64), ""
     offset = 0 if source.kind == "folder" else fmt.label_offset  # folder labels are subfolder positions
+    allowed = f"[0, {num_classes})" if num_classes else "[0, inf) (ids of any class)"
     message = (
         f"--{source.flag}: label {labels[bad[0]] + offset} of {source.locate(keys[record[bad[0]]])} is outside "
-        f"[0, {num_classes}) after --label_offset={offset} ({len(np.unique(record[bad]))} such records; "
+        f"{allowed} after --label_offset={offset} ({len(np.unique(record[bad]))} such records; "
         "check --num_classes and --label_offset)"
     )
     return keys, labels, splits, np.unique(record[bad]), message
@@ -377,10 +378,12 @@ def prepare_inputs(training_path, validation_path, num_classes, task, *, image_k
     fmt = RecordFormat(image_key, label_key, label_offset, task.several_labels, max_image_pixels)
     train_source = open_source(training_path, "training_data_path", fmt, tfds_data_dir)
     eval_source = open_source(validation_path, "validation_data_path", fmt, tfds_data_dir)
-    names = class_names(train_source, eval_source, num_classes, label_map_path)
+    names = class_names(train_source, eval_source, num_classes, label_map_path, task.open_set)
     cli.say(f"scanning {training_path} and {validation_path} ...")
     train_scan = scan_cached(train_source, num_classes, fmt, max_corrupt_fraction, scan_cache_dir)
-    eval_scan = scan_cached(eval_source, num_classes, fmt, max_corrupt_fraction, scan_cache_dir)
+    # An open-set task's validation classes may be unseen in training: any id is data there.
+    eval_scan = scan_cached(eval_source, None if task.open_set else num_classes, fmt, max_corrupt_fraction,
+                            scan_cache_dir)
     cli.say(f"{len(train_scan.keys)} training images, {len(eval_scan.keys)} validation images, "
             f"{len(train_scan.corrupt) + len(eval_scan.corrupt)} unreadable skipped")
     batch_size = fitted_batch_size(train_batch_size, len(train_scan.keys), max_batch_fraction, replicas)

@@ -4,7 +4,8 @@ The cluster (cluster.py) comes from TF_CONFIG or Vertex AI's CLUSTER_SPEC;
 with neither, this process is the whole cluster. Each backend's own engine
 does the work:
   * JAX: keras.distribution (initialize() for several processes, then
-    DataParallel over every device);
+    DataParallel over every device; or with --classifier_parallelism=model,
+    ModelParallel splitting the head's classes over them, margins.py);
   * TensorFlow: MirroredStrategy for several local GPUs;
     MultiWorkerMirroredStrategy for several processes (prepare_fit works
     around the two places where Keras 3's fit breaks under it).
@@ -17,20 +18,34 @@ import contextlib
 from trainer import cli
 
 
-def setup(backend, cluster):
+def setup(backend, cluster, classifier_parallelism="data", num_classes=None):
     """Starts the backend's distribution; returns (the context to build and compile the model in,
-    the number of devices a batch is split over)."""
+    the number of devices a batch is split over).
+
+    classifier_parallelism="model" (JAX only; config.py refuses it on TensorFlow): the head's class
+    weights are split over every device (margins.model_parallel), the rest stays data parallel.
+    """
     if backend == "jax":
-        return _setup_jax(cluster)
+        return _setup_jax(cluster, classifier_parallelism, num_classes)
     return _setup_tensorflow(cluster)
 
 
-def _setup_jax(cluster):
+def _setup_jax(cluster, classifier_parallelism, num_classes):
     import keras
 
     if len(cluster.addresses) > 1:
         keras.distribution.initialize(",".join(cluster.addresses), len(cluster.addresses), cluster.index)
     devices = keras.distribution.list_devices()
+    if classifier_parallelism == "model":
+        from trainer import margins
+
+        if num_classes % len(devices):
+            raise cli.UserError(f"--num_classes={num_classes} must be a multiple of the {len(devices)} devices the "
+                                "head is split over (--classifier_parallelism=model)")
+        keras.distribution.set_distribution(margins.model_parallel(devices))
+        cli.say(f"head split by class over {len(devices)} devices in {cluster.size} process(es), the rest data "
+                "parallel (keras.distribution.ModelParallel)")
+        return contextlib.nullcontext(), len(devices)
     if len(devices) > 1:
         keras.distribution.set_distribution(keras.distribution.DataParallel(devices=devices))
         cli.say(f"data parallel over {len(devices)} devices in {cluster.size} process(es) (keras.distribution)")

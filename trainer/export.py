@@ -3,13 +3,15 @@
 Signatures:
   serving_default(image_bytes: string [B])    encoded JPEG/PNG/GIF/BMP bytes
   serving_images(images: uint8 [B, H, W, 3])  decoded RGB images, any size
-  metadata()                                  class_names [C], task, image_size
+  metadata()                                  class_names [C], task, image_size (and the task's own:
+                                              metric learning's embedding_size and metric_loss)
 The outputs are the task's (tasks.py): a classifier returns probabilities
 [B, C] (softmax) and the top-k (k = min(5, C)) classes, scores and
 class_names [B, k]; a multi-label model returns sigmoid probabilities [B, C],
 predictions (bool [B, C], the best evaluation's per-class thresholds applied),
 and classes / scores / class_names [B, C] ordered by probability, the
-predicted ones first, the rest padded with -1 / 0 / "". The metadata names
+predicted ones first, the rest padded with -1 / 0 / ""; a metric-learning model returns
+embeddings [B, D], L2-normalised. The metadata names
 the task, so serving code reads it instead of guessing.
 Bytes get exactly the evaluation crop; uint8 images are resized whole. The
 SavedModel is always written by the TensorFlow backend (from a weights file)
@@ -19,6 +21,7 @@ a child process (`python -m trainer.export SPEC.json`).
 
 import contextlib
 import faulthandler
+import functools
 import json
 import os
 import subprocess
@@ -30,17 +33,19 @@ from trainer.tasks import TASKS
 
 
 def export_saved_model(weights_path, model_type, task, num_classes, image_size, class_names, export_dir,
-                       evaluation=None):
+                       evaluation=None, head_options=None, metadata=None):
     """Builds the model from weights_path and writes export_dir, replacing it atomically.
 
     task: a --task name; evaluation: the evaluation whose settings the export
-    keeps (a multi-label model's thresholds).
+    keeps (a multi-label model's thresholds); head_options: the task head's
+    keyword arguments (Task.head_options); metadata: {name: str or int} the
+    metadata signature returns besides class_names, task and image_size.
     """
     import keras
 
     spec = dict(weights_path=weights_path, model_type=model_type, task=task, num_classes=num_classes,
                 image_size=image_size, class_names=list(class_names), export_dir=export_dir,
-                evaluation=evaluation or {})
+                evaluation=evaluation or {}, head_options=head_options or {}, metadata=metadata or {})
     if keras.backend.backend() != "tensorflow":
         return _export_in_child(spec)  # which watches itself
     with stacks_if_slow(export_dir):
@@ -73,7 +78,8 @@ def stacks_if_slow(export_dir):
         os.remove(path)
 
 
-def _export(*, weights_path, model_type, task, num_classes, image_size, class_names, export_dir, evaluation):
+def _export(*, weights_path, model_type, task, num_classes, image_size, class_names, export_dir, evaluation,
+            head_options, metadata):
     import keras
     import tensorflow as tf
 
@@ -81,13 +87,15 @@ def _export(*, weights_path, model_type, task, num_classes, image_size, class_na
 
     # Served on CPUs: float32 whatever precision trained it.
     keras.mixed_precision.set_dtype_policy("float32")
-    model = models.build_model(model_type, num_classes, image_size, one_pass_moments=False, head=TASKS[task].head)
+    model = models.build_model(model_type, num_classes, image_size, one_pass_moments=False,
+                               head=functools.partial(TASKS[task].head, **head_options))
     model.load_weights(weights_path)
+    served = TASKS[task].evaluated_model(model)  # the logits, or metric learning's embedding
     names = tf.constant(list(class_names))
     task_outputs = TASKS[task].export_outputs
 
     def outputs(uint8_images):
-        return task_outputs(model(uint8_images, training=False), names, evaluation or {})
+        return task_outputs(served(uint8_images, training=False), names, evaluation or {})
 
     def serve_bytes(image_bytes):
         decoded = tf.map_fn(
@@ -107,8 +115,9 @@ def _export(*, weights_path, model_type, task, num_classes, image_size, class_na
     # TF Serving's REST API base64-decodes inputs whose name ends in _bytes.
     archive.add_endpoint("serving_default", serve_bytes, input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
     archive.add_endpoint("serving_images", serve_images, input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8, name="images")])
-    archive.add_endpoint("metadata", lambda: {"class_names": names, "task": tf.constant(task), "image_size": tf.constant(image_size)},
-                         input_signature=[])
+    about = {"class_names": names, "task": tf.constant(task), "image_size": tf.constant(image_size),
+             **{name: tf.constant(value) for name, value in metadata.items()}}
+    archive.add_endpoint("metadata", lambda: about, input_signature=[])
     files.write_folder_atomic(export_dir, lambda tmp: archive.write_out(tmp, verbose=False))
 
 

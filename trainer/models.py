@@ -2,7 +2,7 @@
 
 One builder per backbone family turns a table entry into a function
 (input_shape) -> keras.Model of pooled features. Every builder works
-offline: ResNets are KerasHub ResNetBackbones built from config,
+offline: ResNets, ViTs and Swins are KerasHub backbones built from config,
 EfficientNets keras.applications with weights=None. The model takes uint8
 RGB images and does its own normalisation, so callers never preprocess.
 """
@@ -24,7 +24,7 @@ IMAGENET_VARIANCE = ((0.229 * 255) ** 2, (0.224 * 255) ** 2, (0.225 * 255) ** 2)
 
 
 def _resnet(block_type, blocks, input_shape):
-    import keras_hub  # imported here: it is slow to import and only ResNets need it
+    import keras_hub  # imported here: it is slow to import and EfficientNets do not need it
 
     backbone = keras_hub.models.ResNetBackbone(
         input_conv_filters=[64],
@@ -42,6 +42,30 @@ def _resnet(block_type, blocks, input_shape):
     return keras.Model(inputs, x, name="backbone")
 
 
+def _vit(patch_size, num_layers, num_heads, hidden_dim, mlp_dim, input_shape):
+    import keras_hub
+
+    backbone = keras_hub.models.ViTBackbone(image_shape=input_shape, patch_size=patch_size, num_layers=num_layers,
+                                            num_heads=num_heads, hidden_dim=hidden_dim, mlp_dim=mlp_dim)
+    inputs = keras.Input(input_shape, name="pixels")
+    x = keras.layers.Normalization(mean=IMAGENET_MEAN, variance=IMAGENET_VARIANCE, name="normalize")(inputs)
+    tokens = backbone(x)  # [B, 1 + patches, hidden_dim], after the encoder's final layer norm
+    return keras.Model(inputs, tokens[:, 0], name="backbone")  # the class token, as the reference ViT classifies
+
+
+def _swin(patch_size, window_size, embed_dim, depths, num_heads, input_shape):
+    import keras_hub
+
+    backbone = keras_hub.models.SwinTransformerBackbone(image_shape=input_shape, patch_size=patch_size,
+                                                        window_size=window_size, embed_dim=embed_dim,
+                                                        depths=list(depths), num_heads=list(num_heads))
+    inputs = keras.Input(input_shape, name="pixels")
+    x = keras.layers.Normalization(mean=IMAGENET_MEAN, variance=IMAGENET_VARIANCE, name="normalize")(inputs)
+    # The last stage's tokens [B, (side / 32)**2, 8 * embed_dim], averaged as the reference Swin classifies.
+    x = keras.layers.GlobalAveragePooling1D(name="avg_pool")(backbone(x))
+    return keras.Model(inputs, x, name="backbone")
+
+
 def _efficientnet(application_name, input_shape, weights=None):
     # keras.applications' EfficientNets rescale and normalise 0-255 input themselves.
     application = getattr(keras.applications, application_name)
@@ -49,7 +73,7 @@ def _efficientnet(application_name, input_shape, weights=None):
     return keras.Model(net.input, net.output, name="backbone")
 
 
-_FAMILIES = {"resnet": _resnet, "efficientnet": _efficientnet}
+_FAMILIES = {"resnet": _resnet, "efficientnet": _efficientnet, "vit": _vit, "swin": _swin}
 
 
 def backbone_builder(model_type):
@@ -104,28 +128,42 @@ def _one_pass_moments(layer, inputs, mask):
     return mean, keras.ops.maximum(mean_of_squares - keras.ops.square(mean), 0.0)
 
 
-def make_optimizer(optimizer_type, learning_rate, optimizer_arguments=(), ema_decay=0.0, frozen=(), frozen_steps=0):
-    """momentum (SGD, momentum 0.9 unless given) | adam | rmsprop, with extra constructor arguments.
+def make_optimizer(optimizer_type, learning_rate, optimizer_arguments=(), ema_decay=0.0, frozen=(), frozen_steps=0,
+                   weight_decay=0.0, not_decayed=()):
+    """momentum (SGD, momentum 0.9 unless given) | adam | rmsprop | adamw, with extra constructor arguments.
 
+    weight_decay, not_decayed: adamw's decoupled weight decay. Every step each
+    trainable weight w but those of not_decayed (see `not_decayed`) becomes
+    w * (1 - learning_rate * weight_decay) before the Adam update, as in Keras's
+    and PyTorch's AdamW. It replaces the L2 loss term build_model adds for the
+    other optimizers, so for them weight_decay must be 0 here.
     ema_decay > 0: the optimizer also keeps an exponential moving average of the
     weights (Keras's use_ema; `averaged_weights` swaps it in), its decay warmed up
     as min(ema_decay, step / (10 + step)) so that the random initial weights do
     not linger in the average of a short run (0.999 ** 1000 = 0.37).
     frozen, frozen_steps: these variables get no update for the first frozen_steps
-    steps (their gradients are zeroed), so the optimizer's variables, and a
-    checkpoint's, are the same whether or not a run starts frozen.
+    steps (their gradients are zeroed, and adamw does not decay them), so the
+    optimizer's variables, and a checkpoint's, are the same whether or not a run starts frozen.
     """
+    if weight_decay and optimizer_type != "adamw":
+        raise ValueError(f"{optimizer_type}: weight decay is build_model's loss term; only adamw decays the weights itself")
     kwargs = dict(optimizer_arguments)
     if ema_decay:
         kwargs.update(use_ema=True, ema_momentum=ema_decay)
     if optimizer_type == "momentum":
         kwargs.setdefault("momentum", 0.9)
-    cls = {"momentum": keras.optimizers.SGD, "adam": keras.optimizers.Adam, "rmsprop": keras.optimizers.RMSprop}[optimizer_type]
+    if optimizer_type == "adamw":
+        kwargs["weight_decay"] = weight_decay
+    cls = {"momentum": keras.optimizers.SGD, "adam": keras.optimizers.Adam, "rmsprop": keras.optimizers.RMSprop,
+           "adamw": keras.optimizers.AdamW}[optimizer_type]
     if frozen_steps:
         cls = _frozen_at_first(cls, {id(v) for v in frozen}, frozen_steps)
     if ema_decay:
         cls = _warmed_up_average(cls)
-    return cls(learning_rate=learning_rate, **kwargs)
+    optimizer = cls(learning_rate=learning_rate, **kwargs)
+    if optimizer_type == "adamw":
+        optimizer.exclude_from_weight_decay(var_list=list(not_decayed))
+    return optimizer
 
 
 def ema_decay_at(step, ema_decay):
@@ -149,16 +187,32 @@ def _warmed_up_average(cls):
 
 
 def _frozen_at_first(cls, frozen_ids, frozen_steps):
-    """A subclass of optimizer class cls that zeroes the gradients of frozen_ids before step frozen_steps."""
+    """A subclass of optimizer class cls that leaves the variables of frozen_ids alone before step frozen_steps:
+    their gradients are zeroed and, with a decoupled weight decay (adamw), they are not decayed."""
+
+    def thawed(self):
+        return keras.ops.greater_equal(self.iterations, frozen_steps)
 
     def apply(self, grads, trainable_variables=None):
         variables = self._trainable_variables if trainable_variables is None else list(trainable_variables)
-        thawed = keras.ops.greater_equal(self.iterations, frozen_steps)
-        grads = [g if g is None or id(v) not in frozen_ids else g * keras.ops.cast(thawed, g.dtype)
+        grads = [g if g is None or id(v) not in frozen_ids else g * keras.ops.cast(thawed(self), g.dtype)
                  for g, v in zip(grads, variables)]
         return cls.apply(self, grads, trainable_variables)
 
-    return type(f"HeadFirst{cls.__name__}", (cls,), {"apply": apply})
+    def _apply_weight_decay(self, variables):
+        # Decoupled decay does not go through the gradients, so the frozen variables are decayed apart, at the
+        # rate times 0 until they thaw. The rate is swapped back at once: each replica's call sets the same value.
+        rate = self.weight_decay
+        cls._apply_weight_decay(self, [v for v in variables if id(v) not in frozen_ids])
+        if not rate:
+            return
+        self.weight_decay = rate * keras.ops.cast(thawed(self), "float32")
+        try:
+            cls._apply_weight_decay(self, [v for v in variables if id(v) in frozen_ids])
+        finally:
+            self.weight_decay = rate
+
+    return type(f"HeadFirst{cls.__name__}", (cls,), {"apply": apply, "_apply_weight_decay": _apply_weight_decay})
 
 
 def inner_optimizer(optimizer):
@@ -239,25 +293,37 @@ class LossMean(keras.metrics.Mean):
 
 
 def add_weight_decay(model, weight_decay):
-    """loss += weight_decay * sum(w**2) / 2 over conv and dense kernels.
+    """loss += weight_decay * sum(w**2) / 2 over the kernels (see `_kernels`).
 
     That is the definition in Google's built-in algorithm (tf.nn.l2_loss);
-    biases and batch-norm parameters are left alone.
+    biases and normalisation parameters are left alone.
     """
     regularizer = keras.regularizers.L2(weight_decay / 2)
+    for kernel in _kernels(model):
+        kernel.regularizer = regularizer
+
+
+def not_decayed(model):
+    """The trainable weights weight decay leaves alone: all but the kernels (biases, norm scales and offsets,
+    position embeddings, ViT's class token, Swin's relative position biases), as timm leaves them."""
+    kernels = {id(kernel) for kernel in _kernels(model)}
+    return [v for v in model.trainable_variables if id(v) not in kernels]
+
+
+def _kernels(model):
+    """The trainable kernels of the convolutions (depthwise too) and of the dense and attention projections."""
     for layer in _all_layers(model):
         kernel = getattr(layer, "kernel", None)
         if kernel is None and hasattr(layer, "depthwise_kernel"):
             kernel = layer.depthwise_kernel
         if kernel is not None and kernel.trainable:
-            kernel.regularizer = regularizer
+            yield kernel
 
 
 def _all_layers(model):
-    for layer in model.layers:
-        yield layer
-        if hasattr(layer, "layers"):
-            yield from _all_layers(layer)
+    """Every layer inside model, however nested: in sub-models and in plain layers (a transformer block's
+    attention and MLP). Keras's own walk, the one that collects the layers' losses."""
+    return model._flatten_layers(include_self=False)
 
 
 def load_pretrained(model, path, model_type, image_size):

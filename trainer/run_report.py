@@ -8,6 +8,7 @@ write() puts, in one folder written whole (atomically, local or gs://):
     per_class_ap.png      multi-label: average precision and threshold per class
     per_class.csv         per class: precision, recall, F1, support (multi-label: AP and threshold too)
     worst.png             the worst-classified validation images, with true and predicted labels
+                          (metric learning: the images whose nearest neighbour has another label)
 
 The per-class files and worst.png need the validation arrays; a multi-label
 run without them still gets per_class_ap.png from the evaluation's
@@ -26,6 +27,7 @@ import json
 import math
 import os
 import textwrap
+import threading
 
 import numpy as np
 
@@ -35,6 +37,24 @@ WORST_IMAGES = 16
 NAMED_CLASSES = 50  # up to this many, the confusion matrix and the AP chart name every class
 _CELL_VALUES = 20  # up to this many classes, confusion matrix cells show their rate
 _CONFUSED_PAIRS = 10
+
+
+_warming_up = None  # the thread prepare() started
+
+
+def prepare():
+    """Starts importing matplotlib and drawing a first figure (its fonts) in a background thread, about
+    0.5 s of CPU that the moments a run waits for TensorFlow's C++ absorb; write() waits for it."""
+    global _warming_up
+    if _warming_up is None:
+        _warming_up = threading.Thread(target=_warm_up, name="run-report-warm-up", daemon=True)
+        _warming_up.start()
+
+
+def _warm_up():
+    figure = _figure(1, 1)
+    figure.add_subplot().set_title("warm-up")
+    _png(figure)
 
 
 def write(report_dir, *, config, evaluations, training_log, best, metric, task_name, class_names, validation=None):
@@ -48,14 +68,18 @@ def write(report_dir, *, config, evaluations, training_log, best, metric, task_n
     sequence; only the worst few are read; None for no grid), targets [N, C]
     one-hot or multi-hot, probabilities [N, C]) of the best evaluation.
     """
+    if _warming_up is not None:
+        _warming_up.join()  # matplotlib is not thread-safe
     from matplotlib import rc_context
 
     class_names = [str(name) for name in class_names]
-    validation = _checked(validation, len(class_names))
+    if task_name != "metric_learning":  # its validation arrays are label ids and embeddings
+        validation = _checked(validation, len(class_names))
     pngs, extra, sections = {}, {}, []
     with rc_context({"font.size": 9}):
         pngs["curves.png"] = _curves_png(training_log, evaluations, metric, best)
-        per_task = {"classification": _classification, "multi_label": _multi_label}.get(task_name)
+        per_task = {"classification": _classification, "multi_label": _multi_label,
+                    "metric_learning": _metric_learning}.get(task_name)
         if per_task:
             sections = per_task(class_names, validation, best or {}, pngs, extra)
     page = _page(config, evaluations, best, metric, task_name, sections, pngs)
@@ -147,6 +171,34 @@ def _multi_label(names, validation, best, pngs, extra):
     worst = np.argsort(-loss, kind="stable")
     wrong = (predicted != (targets > 0.5)).any(axis=1)
     return sections + _worst(images, worst[wrong[worst]], caption, pngs)
+
+
+def _metric_learning(names, validation, best, pngs, extra):
+    """The validation images whose nearest other image (what recall@1 looks at) has another label, the
+    most similar such pairs first. validation: (images, label ids [N, 1], embeddings [N, D])."""
+    from trainer import retrieval
+
+    if validation is None or not len(validation[1]):
+        return [("Nearest neighbours", "<p>No validation embeddings were given.</p>")]
+    images, targets, embeddings = validation
+    labels = np.asarray(targets).reshape(-1)
+    if len(labels) < 2:
+        return [("Nearest neighbours", "<p>One validation image: nothing to retrieve.</p>")]
+    indices, similarities = retrieval.nearest(np.asarray(embeddings, np.float32), np.asarray(embeddings, np.float32), 2)
+    own = indices[:, 0] == np.arange(len(labels))  # itself first, unless a duplicate ties with it
+    nearest = np.where(own, indices[:, 1], indices[:, 0])
+    similarity = np.where(own, similarities[:, 1], similarities[:, 0])
+    wrong = np.flatnonzero(labels[nearest] != labels)
+    order = wrong[np.argsort(-similarity[wrong], kind="stable")]
+    text = (f"<p>{len(wrong)} of {len(labels)} validation images have a nearest neighbour (by cosine similarity, "
+            "among the other validation images) with another label.</p>")
+    chosen = [int(i) for i in order[:WORST_IMAGES]]
+    if images is None or not chosen:
+        return [("Nearest neighbours", text)]
+    captions = [(f"id {labels[i]}", f"nearest id {labels[nearest[i]]} ({similarity[i]:.2f})") for i in chosen]
+    pngs["worst.png"] = _grid_png([np.asarray(images[i]) for i in chosen], captions)
+    return [("Nearest neighbours", _img("worst.png", "validation images nearest another label") + text
+             + "<p>Shown: those images, the most similar wrong pairs first.</p>")]
 
 
 def _worst(images, order, caption, pngs):
@@ -273,6 +325,8 @@ def _grid_png(images, captions):
                  for line in textwrap.wrap(text, 36, max_lines=2, placeholder=" …", subsequent_indent="  ")]
         axes.set_title("\n".join(lines), fontsize=8)
         axes.axis("off")
+        for axis in (axes.xaxis, axes.yaxis):  # hidden: the layout then skips their ticks (a third of the time)
+            axis.set_visible(False)
     return _png(figure)
 
 

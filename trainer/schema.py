@@ -23,10 +23,19 @@ GROUP_NOTES = (
     ("outputs", "Vertex AI's AIP_MODEL_DIR, AIP_CHECKPOINT_DIR and AIP_TENSORBOARD_LOG_DIR replace model/, "
                 "checkpoints/ and logs/ when set; CLOUD_ML_HP_METRIC_FILE names the hypertune metrics file."),
 )
-OPTIMIZERS = ("momentum", "adam", "rmsprop")
+OPTIMIZERS = ("momentum", "adam", "rmsprop", "adamw")
 DECAY_TYPES = ("cosine", "stepwise", "exponential", "polynomial", "strategy")
 AUGMENTATIONS = ("basic", "randaugment", "augmix", "none")
 CLASS_BALANCING = ("none", "weights", "sampler")
+# metric_learning's losses: PAI's recommended (scale, margin) and the margin's unit.
+METRIC_LOSSES = {
+    "amsoftmax": (30.0, 0.4, "subtracted from the target's cosine"),
+    "arcface": (64.0, 28.6, "degrees added to the target's angle (28.6 = 0.5 rad)"),
+    "cosface": (64.0, 0.35, "subtracted from the target's cosine"),
+    "large_margin": (1.0, 4.0, "times the target's angle (an integer)"),
+    "sphereface": (1.0, 4.0, "times the target's angle (an integer)"),
+    "softmax": (64.0, 0.0, "none: a normalised softmax"),
+}
 
 
 def _flag(name, kind, default, help, group, **kwargs):  # noqa: A002 - the Flag field's name
@@ -41,7 +50,8 @@ TRAINER_FLAGS = (
     _flag("validation_data_path", "string", None, "Same forms as --training_data_path; evaluated every "
           "--eval_frequency steps.", "data", required=True),
     _flag("num_classes", "integer", None, "Number of classes; labels must lie in [0, num_classes) after "
-          "--label_offset.", "data", required=True, fingerprint=True),
+          "--label_offset (metric_learning: the training labels; validation labels may be any ids >= 0).", "data",
+          required=True, fingerprint=True),
     _flag("task", "string", "classification", "; ".join(f"{t.name}: {t.description}" for t in TASKS.values()) + ".",
           "data", choices=tuple(TASKS), fingerprint=True),
     _flag("image_key", "string", "image/encoded", "TFRecord feature holding the encoded image.", "data"),
@@ -87,7 +97,10 @@ TRAINER_FLAGS = (
     # model
     _flag("model_type", "string", "efficientnet-b0", "The backbone, built offline (nothing is downloaded). Each "
           "was designed for 224-pixel images except " + ", ".join(
-              f"{b.name} ({b.image_size})" for b in BACKBONES.values() if b.image_size != 224) + ".", "model",
+              f"{b.name} ({b.image_size})" for b in BACKBONES.values() if b.image_size != 224) + ". --image_size "
+          "must be a multiple of " + ", of ".join(dict.fromkeys(
+              f"{b.size_multiple} for {b.family}-*" for b in BACKBONES.values() if b.size_multiple > 1)) + ". "
+          "(XCiT is not offered: it has no maintained Keras implementation.)", "model",
           choices=tuple(BACKBONES), fingerprint=True, tunable=True),
     _flag("image_size", "integer", 224, "Side in pixels of the square image the network sees.", "model",
           fingerprint=True, tunable=True),
@@ -102,6 +115,18 @@ TRAINER_FLAGS = (
           "(fine-tuning from --pretrained_checkpoint_path).", "model", tunable=True),
     _flag("backend", "string", "tensorflow", "Keras backend; when not given, $KERAS_BACKEND if set.", "model",
           choices=("tensorflow", "jax")),
+    _flag("embedding_size", "integer", 1536, "metric_learning: width of the embedding (the neck: a dense layer "
+          "after the backbone's pooled features, L2-normalised).", "model", fingerprint=True, tunable=True),
+    _flag("metric_loss", "string", "amsoftmax", "metric_learning: the margin loss on the embedding's cosines to "
+          "the class centres. Defaults (scale, margin, the margin's unit): " + "; ".join(
+              f"{name} {scale:g}, {margin:g} {unit}" for name, (scale, margin, unit) in METRIC_LOSSES.items()) + ".",
+          "model", choices=tuple(METRIC_LOSSES), fingerprint=True, tunable=True),
+    _flag("loss_scale", "float", None, "metric_learning: the scale s multiplying the cosines; default: "
+          "--metric_loss's.", "model", tunable=True),
+    _flag("loss_margin", "float", None, "metric_learning: the margin, in --metric_loss's unit (see there); "
+          "default: --metric_loss's.", "model", tunable=True),
+    _flag("loss_weight", "float", 1.0, "metric_learning: loss = loss_weight * margin loss + (1 - loss_weight) * "
+          "softmax cross-entropy of a plain classifier on the same embedding; in (0, 1].", "model", tunable=True),
     # optimisation
     _flag("max_steps", "integer", None, "Training steps (batches); give this or --num_epochs.", "optimisation",
           tunable=True),
@@ -112,7 +137,10 @@ TRAINER_FLAGS = (
     _flag("train_batch_size", "integer", 32, "Images per training step (over every device).", "optimisation",
           fingerprint=True, tunable=True),
     _flag("optimizer_type", "string", "momentum", "momentum is SGD with momentum 0.9 unless --optimizer_arguments "
-          "says otherwise.", "optimisation", choices=OPTIMIZERS, fingerprint=True, tunable=True),
+          "says otherwise. adamw is Adam with decoupled weight decay instead of the L2 loss term: every step each "
+          "kernel w becomes w * (1 - learning rate * --weight_decay), as in PyTorch's AdamW (typically "
+          "--weight_decay=0.05; 0.0001 is hardly any decay); biases, norms and position embeddings are not decayed.",
+          "optimisation", choices=OPTIMIZERS, fingerprint=True, tunable=True),
     _flag("optimizer_arguments", "pairs", "", "name=value pairs for the optimizer, e.g. "
           "'momentum=0.9,nesterov=true'.", "optimisation", fingerprint=True, tunable=True),
     _flag("learning_rate_decay_type", "string", "cosine", "cosine: to 0 at the last step; stepwise: "
@@ -143,7 +171,7 @@ TRAINER_FLAGS = (
           "'5:0.1->0.4,10:0.4=>0.8,15:0.8~>0.001,20:0.001'. The last rate holds after the last END.",
           "optimisation", tunable=True),
     _flag("weight_decay", "float", 0.0001, "loss = task loss + weight_decay * sum(w**2)/2 over conv and dense "
-          "kernels.", "optimisation", tunable=True),
+          "kernels (adamw: decoupled decay instead, see --optimizer_type).", "optimisation", tunable=True),
     _flag("label_smoothing", "float", 0.0, "Label smoothing in [0, 1).", "optimisation", tunable=True),
     _flag("ohem_top_ratio", "float", 1.0, "Online hard example mining: average the loss over only this fraction "
           "of each batch, its hardest images; 1 = all.", "optimisation", tunable=True),
@@ -160,7 +188,7 @@ TRAINER_FLAGS = (
     _flag("num_eval_images", "integer", 0, "Validation images per evaluation (a seeded draw); 0 = all.",
           "evaluation"),
     _flag("hyperparameter_metric_tag", "string", "", "Metric that picks the best evaluation and is reported for "
-          "tuning; default top_1_accuracy, or mAP for multi_label.", "evaluation"),
+          "tuning; default: " + ", ".join(f"{t.metrics[0]} ({t.name})" for t in TASKS.values()) + ".", "evaluation"),
     _flag("multi_label_threshold", "string", "0.5", "multi_label: a probability, or 'auto' for per-class "
           "thresholds that maximise F1 on validation; stored in the export.", "evaluation", tunable=True),
     _flag("eval_each_category", "boolean", False, "Also report every class's AP, precision, recall and F1 "
@@ -171,6 +199,9 @@ TRAINER_FLAGS = (
     _flag("max_to_keep", "integer", 5, "Step checkpoints kept (the oldest are removed; the best evaluation's "
           "weights are always kept).", "outputs"),
     # distribution
+    _flag("classifier_parallelism", "string", "data", "data: every device holds the whole head; model: the head's "
+          "class weights are split over all devices along the class axis, so the class count grows with the devices "
+          "(JAX backend).", "distribution", choices=("data", "model"), fingerprint=True),
     _flag("sync_batch_norm", "boolean", False, "Batch-norm statistics over the global batch on several devices "
           "(instead of each device's share).", "distribution", tunable=True),
 )

@@ -203,9 +203,14 @@ def _parse_label_field(field, several_labels):
     return tuple(int(item) for item in items)
 
 
-def class_names(train_source, eval_source, num_classes, label_map_path):
-    """Names in label order: the label map, else the training subfolders, else '0'..'N-1'."""
-    if train_source.kind == "folder" and eval_source.kind == "folder" and train_source.class_names != eval_source.class_names:
+def class_names(train_source, eval_source, num_classes, label_map_path, open_set=False):
+    """Names in label order: the label map, else the training subfolders, else '0'..'N-1'.
+
+    open_set: the validation classes may differ from the training ones (metric learning), so a validation
+    folder's subfolders need not match.
+    """
+    if (train_source.kind == "folder" and eval_source.kind == "folder" and not open_set
+            and train_source.class_names != eval_source.class_names):
         raise UserError("--validation_data_path: its class subfolders differ from those of --training_data_path")
     if label_map_path:
         if not tf.io.gfile.exists(label_map_path):

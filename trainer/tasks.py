@@ -2,12 +2,14 @@
 
 A Task says how labels are read (one id or several per image), how they
 become targets, the head on the backbone's features, the loss, how logits
-become probabilities, how an evaluation is scored (and what it keeps for the
-export, such as thresholds), which metrics it reports for tuning (the first
-picks the best evaluation unless --hyperparameter_metric_tag names another),
-and what the exported SavedModel returns. Classification and multi-label are two
-instances of one dataclass; a new task is a new instance here, and nothing
-else in the trainer asks which task it runs. TensorFlow, Keras and NumPy are
+become probabilities, which layer's output is evaluated and exported (the
+logits, or metric learning's embedding), how an evaluation is scored (and what
+it keeps for the export, such as thresholds), which metrics it reports for
+tuning (the first picks the best evaluation unless --hyperparameter_metric_tag
+names another), and what the exported SavedModel returns. Classification,
+multi-label and metric learning are three instances of one dataclass; a new task
+is a new instance here, and nothing else in the trainer asks which task it runs
+(the run report draws each task's own pictures). TensorFlow, Keras and NumPy are
 imported inside the functions, so the flag table can list the tasks without them.
 """
 
@@ -21,15 +23,27 @@ class Task:
     description: str  # for --help
     metrics: tuple  # evaluation metrics it can tune on, higher is better; the first is the default
     several_labels: bool  # labels are lists of ids (TFRecord VarLen feature, 'path 1,4,7' lines)
-    target: Callable  # (label ids tensor, num_classes) -> float target vector
-    head: Callable  # (pooled features, num_classes) -> float32 logits, a Keras layer named "logits"
-    loss: Callable  # (label_smoothing) -> Keras loss on logits
-    probabilities: Callable  # logits tensor (float32 or float64) -> probabilities tensor
-    evaluate: Callable  # (logits [N, C] float64 NumPy, targets [N, C], settings) -> {metric: value, ...}
-    export_outputs: Callable  # (logits tensor, class names tensor, evaluation) -> {output: tensor}
+    target: Callable  # (label ids tensor, num_classes) -> target vector (float; metric learning: the id, int64)
+    head: Callable  # (pooled features, num_classes, **head_options) -> float32 output, a Keras layer named "logits"
+    loss: Callable  # (config) -> Keras loss on the head's output
+    probabilities: Callable  # evaluated output tensor (float32 or float64) -> what the run report shows
+    evaluate: Callable  # (evaluated outputs [N, K] float64 NumPy, targets [N, T], settings) -> {metric: value, ...}
+    export_outputs: Callable  # (evaluated output tensor, class names tensor, evaluation) -> {output: tensor}
     # The default smallest area a random training crop keeps: a crop that drops most of the image
     # suits one object per image, but cuts some of a multi-label image's objects out while keeping their labels.
     crop_min_area: float = 0.08
+    evaluated_layer: str = "logits"  # the layer whose output evaluation and the export take
+    open_set: bool = False  # validation labels may lie outside the training classes [0, num_classes)
+    head_options: Callable = lambda c: {}  # (config) -> head keyword arguments (the export keeps them)
+    export_metadata: Callable = lambda c: {}  # (config) -> {name: str or int} the export's metadata adds
+
+    def evaluated_model(self, model):
+        """The model whose output evaluation scores and the export serves: model itself, or up to a layer."""
+        if self.evaluated_layer == "logits":
+            return model
+        import keras
+
+        return keras.Model(model.input, model.get_layer(self.evaluated_layer).output, name=f"{model.name}_evaluated")
 
     def metrics_for(self, num_classes):
         """The metrics an evaluation with num_classes classes reports for tuning."""
@@ -42,7 +56,7 @@ class EvaluationSettings:
     class_names: tuple = None  # set: report per-class figures too
 
 
-def dense_head(features, num_classes):
+def dense_head(features, num_classes, **unused):
     """The classifier head: one dense layer to a logit per class (float32 under mixed precision)."""
     import keras
 
@@ -57,10 +71,10 @@ def _one_hot(label, num_classes):
     return tf.one_hot(label, num_classes)
 
 
-def _categorical_loss(label_smoothing):
+def _categorical_loss(c):
     import keras
 
-    return keras.losses.CategoricalCrossentropy(from_logits=True, label_smoothing=label_smoothing)
+    return keras.losses.CategoricalCrossentropy(from_logits=True, label_smoothing=c.label_smoothing)
 
 
 def _softmax(logits):
@@ -97,10 +111,10 @@ def _multi_hot(label, num_classes):
     return tf.minimum(tf.reduce_sum(tf.one_hot(label, num_classes), axis=0), 1.0)
 
 
-def _binary_loss(label_smoothing):
+def _binary_loss(c):
     import keras
 
-    return keras.losses.BinaryCrossentropy(from_logits=True, label_smoothing=label_smoothing)
+    return keras.losses.BinaryCrossentropy(from_logits=True, label_smoothing=c.label_smoothing)
 
 
 def _sigmoid(logits):
@@ -144,6 +158,53 @@ def _multi_label_outputs(logits, names, evaluation):
     }
 
 
+# Metric learning: a backbone and a neck trained with a margin loss (margins.py); evaluated and served as
+# L2-normalised embeddings, scored by retrieval among the validation images (retrieval.py).
+
+def _label_id(label, num_classes):
+    """The label id itself, [1]: the margin loss one-hots it; retrieval compares ids, which may lie outside
+    the training classes (open set), so the target keeps them exactly (int64)."""
+    import tensorflow as tf
+
+    return tf.reshape(tf.cast(label, tf.int64), [1])
+
+
+def embedding_head(features, num_classes, embedding_size=1536, plain_classifier=False):
+    """The neck (a dense layer to embedding_size, L2-normalised: the layer named "embedding") and the
+    margin head on it: float32 cosines to each class centre [B, C] (and plain logits [B, C] after them
+    when plain_classifier, for --loss_weight < 1)."""
+    import keras
+
+    from trainer import margins
+
+    x = keras.layers.Dense(embedding_size, name="neck")(features)
+    embedding = keras.layers.UnitNormalization(dtype="float32", name="embedding")(x)
+    return margins.MarginHead(num_classes, plain_classifier=plain_classifier, name="logits")(embedding)
+
+
+def _margin_loss(c):
+    from trainer import margins
+
+    return margins.margin_loss(c.metric_loss, c.num_classes, scale=c.loss_scale, margin=c.loss_margin,
+                               loss_weight=c.loss_weight)
+
+
+def _identity(embeddings):
+    import tensorflow as tf
+
+    return tf.convert_to_tensor(embeddings)
+
+
+def _evaluate_retrieval(embeddings, targets, settings):
+    from trainer import retrieval
+
+    return retrieval.retrieval_metrics(embeddings, targets[:, 0].astype("int64"))
+
+
+def _embedding_outputs(embeddings, names, evaluation):
+    return {"embeddings": embeddings}
+
+
 CLASSIFICATION = Task(
     name="classification", description="one label per image (softmax)",
     metrics=("top_1_accuracy", "top_5_accuracy"), several_labels=False, target=_one_hot, head=dense_head,
@@ -157,7 +218,16 @@ MULTI_LABEL = Task(
     several_labels=True, target=_multi_hot, head=dense_head, loss=_binary_loss, probabilities=_sigmoid,
     evaluate=_evaluate_multi_label, export_outputs=_multi_label_outputs, crop_min_area=1.0,
 )
-TASKS = {task.name: task for task in (CLASSIFICATION, MULTI_LABEL)}
+METRIC_LEARNING = Task(
+    name="metric_learning", description="an embedding per image, trained with a margin loss (--metric_loss) and "
+    "scored by retrieval among the validation images, whose classes may be unseen in training",
+    metrics=("recall_at_1", "recall_at_5", "recall_at_10", "map_at_r"), several_labels=False, target=_label_id,
+    head=embedding_head, loss=_margin_loss, probabilities=_identity, evaluate=_evaluate_retrieval,
+    export_outputs=_embedding_outputs, evaluated_layer="embedding", open_set=True,
+    head_options=lambda c: {"embedding_size": c.embedding_size, "plain_classifier": c.loss_weight < 1},
+    export_metadata=lambda c: {"embedding_size": c.embedding_size, "metric_loss": c.metric_loss},
+)
+TASKS = {task.name: task for task in (CLASSIFICATION, MULTI_LABEL, METRIC_LEARNING)}
 
 
 def all_metrics():

@@ -12,6 +12,7 @@ RunStopped). The SavedModel in model/ is exported from the best weights.
 """
 
 import contextlib
+import functools
 import math
 import signal
 import threading
@@ -31,7 +32,8 @@ def run(c, job_dir):
     """Trains, evaluates and exports; returns the best value of c.metric."""
     task = TASKS[c.task]
     cluster = cluster_from_env()
-    scope, replicas = distribute.setup(c.backend, cluster)  # before any TensorFlow op: collectives configure at start-up
+    # Before any TensorFlow op: collectives configure at start-up.
+    scope, replicas = distribute.setup(c.backend, cluster, c.classifier_parallelism, c.num_classes)
     for flag in ("train_batch_size", "eval_batch_size"):
         if getattr(c, flag) % replicas:
             raise UserError(f"--{flag}={getattr(c, flag)} must be a multiple of the {replicas} devices it is split over")
@@ -62,8 +64,11 @@ def run(c, job_dir):
 
         with scope:
             imagenet = c.pretrained_checkpoint_path == "imagenet"
-            model = models.build_model(c.model_type, c.num_classes, c.image_size, c.weight_decay, seed=c.seed,
-                                       imagenet=imagenet, head=task.head)
+            adamw = c.optimizer_type == "adamw"  # AdamW decays the weights itself: no L2 term in the loss
+            model = models.build_model(c.model_type, c.num_classes, c.image_size, 0.0 if adamw else c.weight_decay,
+                                       seed=c.seed, imagenet=imagenet,
+                                       head=functools.partial(task.head, **task.head_options(c)))
+            evaluated = task.evaluated_model(model)  # what evaluations score: the logits, or the embedding
             if c.pretrained_checkpoint_path and not imagenet:
                 models.load_pretrained(model, c.pretrained_checkpoint_path, c.model_type, c.image_size)
             if c.sync_batch_norm:
@@ -71,8 +76,9 @@ def run(c, job_dir):
             schedule = schedules.from_config(c, steps_per_epoch=max(1, inputs.training_images // inputs.batch_size))
             optimizer = models.make_optimizer(
                 c.optimizer_type, schedule, c.optimizer_arguments, ema_decay=c.ema_decay,
-                frozen=model.get_layer("backbone").trainable_variables, frozen_steps=c.freeze_backbone_steps)
-            loss = task.loss(c.label_smoothing)
+                frozen=model.get_layer("backbone").trainable_variables, frozen_steps=c.freeze_backbone_steps,
+                weight_decay=c.weight_decay if adamw else 0.0, not_decayed=models.not_decayed(model))
+            loss = task.loss(c)
             models.compile_model(model, optimizer, models.HardestFraction(loss, c.ohem_top_ratio)
                                  if c.ohem_top_ratio < 1 else loss)
             if state:
@@ -85,7 +91,7 @@ def run(c, job_dir):
 
         settings = EvaluationSettings(c.multi_label_threshold, inputs.class_names if c.eval_each_category else None)
         reporter = Reporter(
-            out, store, state, evaluate=lambda model: evaluate_model(model, inputs.evaluation, c.eval_batch_size,
+            out, store, state, evaluate=lambda _model: evaluate_model(evaluated, inputs.evaluation, c.eval_batch_size,
                                                                      task, settings),
             metric=c.metric, summary={"task": c.task, **inputs.summary}, start_step=start_step,
             max_steps=c.max_steps, batch_size=c.train_batch_size, log_frequency=c.log_frequency,
@@ -116,10 +122,11 @@ def run(c, job_dir):
             return best[c.metric]
         cli.say(f"exporting the best evaluation (step {best['step']}) to {out.model}")
         export.export_saved_model(store.best_path(reporter.best_weights), c.model_type, c.task, c.num_classes,
-                                  c.image_size, inputs.class_names, out.model, evaluation=best)
+                                  c.image_size, inputs.class_names, out.model, evaluation=best,
+                                  head_options=task.head_options(c), metadata=task.export_metadata(c))
         if reporter.best_outputs is None:  # the best evaluation was a resumed run's predecessor's
             model.load_weights(store.best_path(reporter.best_weights))
-            _, logits, targets = evaluate_model(model, inputs.evaluation, c.eval_batch_size, task, settings)
+            _, logits, targets = evaluate_model(evaluated, inputs.evaluation, c.eval_batch_size, task, settings)
         else:
             logits, targets = reporter.best_outputs
         run_report.write(out.file("report"), config={**c.to_dict(), "job_dir": job_dir}, evaluations=reporter.evaluations,

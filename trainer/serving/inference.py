@@ -82,7 +82,8 @@ def _lists(value):
 
 
 def pai_records(outputs, class_names):
-    """One PAI EasyVision-style dict per image: class_probs, [per-class outputs,] classes, class_names, probs.
+    """One PAI EasyVision-style dict per image: class_probs, [per-class outputs,] classes, class_names, probs
+    (an embedding model's: {"embedding": [D floats]}).
 
     class_probs and probs come from `probabilities`; any other per-class output
     of the export (a multi-label model's boolean `predictions`) is copied under
@@ -91,6 +92,8 @@ def pai_records(outputs, class_names):
     predicted classes, most probable first).
     """
     out = _numpy(outputs)
+    if "embeddings" in out:  # an embedding model (metric learning): its vector, nothing per class
+        return [{"embedding": row} for row in out["embeddings"].astype(float).tolist()]
     probabilities = out["probabilities"].astype(float).tolist()
     per_class = sorted(key for key, value in out.items()
                        if key not in _SHAPED and value.ndim == 2 and value.shape[1] == len(class_names))

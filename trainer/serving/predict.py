@@ -16,6 +16,8 @@ first batch on stdout: a bar redrawn in place on a terminal, else a line
 every LOG_EVERY_S seconds (a log keeps every line). Sharding: worker i of N
 (flags, else TF_CONFIG or Vertex AI's CLUSTER_SPEC) predicts a contiguous
 block of the list; the same command with --merge concatenates the parts.
+An embedding model's lines hold embeddings, in .npy shards for large sets, or
+with --gallery the nearest gallery images (embeddings.py).
 """
 
 import os
@@ -28,7 +30,7 @@ from absl import flags
 from trainer import cli, files
 from trainer.cli import Flag, UserError
 from trainer.cluster import cluster_from_env
-from trainer.serving import image_limit, inference, output_file
+from trainer.serving import embeddings, image_limit, inference, output_file
 
 FLAGS_TABLE = (
     Flag("model_dir", "string", None, "Exported SavedModel (the model/ folder of a job-dir), local or gs://; "
@@ -43,7 +45,13 @@ FLAGS_TABLE = (
     Flag("output_path", "string", None, "Output file (local or gs://); with several workers, the merged file.",
          "outputs", required=True),
     Flag("output_format", "string", "text", "text: `location, {json}` lines (PAI style); jsonl: one JSON object "
-         "a line.", "outputs", choices=("text", "jsonl")),
+         "a line; npy (embedding models): the embeddings in .npy files of --shard_size rows beside the output, "
+         "each jsonl line naming its file and row.", "outputs", choices=("text", "jsonl", "npy")),
+    Flag("shard_size", "integer", 65536, "--output_format=npy: lines per .npy file.", "outputs"),
+    Flag("gallery", "string", "", "Embedding models: an earlier output of this command on the gallery images; "
+         "each image then gets its --top_k nearest gallery images (cosine similarity, exact) instead of its "
+         "embedding.", "inputs"),
+    Flag("top_k", "integer", 5, "--gallery: nearest gallery images per image.", "inputs"),
     Flag("float_precision", "integer", 6, "Significant digits of each probability written (1 to 17; 9 keeps "
          "the model's float32 values exactly).", "outputs"),
     Flag("overwrite", "boolean", False, "Replace an existing output instead of resuming it.", "outputs"),
@@ -164,39 +172,58 @@ def predict_batch(model, encoded):
 
 
 def predict_into(out, model, locations, paths, output_format, batch_size, read_threads, url_timeout_s,
-                 float_precision=None, progress=None, max_image_pixels=image_limit.MAX_IMAGE_PIXELS):
+                 float_precision=None, progress=None, max_image_pixels=image_limit.MAX_IMAGE_PIXELS, sink=None,
+                 gallery=None, top_k=5):
     """Appends one line per location to the open file `out`, flushing per batch; returns the failures.
 
-    progress: a Progress told the lines written after each batch.
+    progress: a Progress told the lines written after each batch. sink: what writes the lines
+    (embeddings.Lines by default; embeddings.Shards for --output_format=npy). gallery: (locations,
+    embeddings) of an embedding model's gallery: each record becomes the top_k nearest gallery images.
     """
+    sink = sink or embeddings.Lines(out, output_format, float_precision)
     errors = {}  # path -> why it has no prediction, where the reading steps know better than "cannot decode"
     batches = encoded_batches(paths, batch_size, read_threads, _fetcher(url_timeout_s, errors),
                               _pixel_check(max_image_pixels, errors))
     done, failures = 0, 0
 
-    def error_line(i):
+    def add_error(i):
         nonlocal failures
         failures += 1
-        return output_file.format_line(locations[i], {"error": _error(paths[i], errors)}, output_format)
+        sink.add(locations[i], {"error": _error(paths[i], errors)})
 
     for indices, encoded in batches:
-        lines = []
-        for index, record in zip(indices.numpy().tolist(), predict_batch(model, encoded)):
-            lines += [error_line(i) for i in range(done, index)]
+        records = predict_batch(model, encoded)
+        if gallery is not None:
+            records = _with_neighbours(records, gallery, top_k)
+        for index, record in zip(indices.numpy().tolist(), records):
+            for i in range(done, index):
+                add_error(i)
             if record is None:
-                lines.append(error_line(index))
+                add_error(index)
             else:
-                lines.append(output_file.format_line(locations[index], record, output_format, float_precision))
+                sink.add(locations[index], record)
             done = index + 1
-        out.write("".join(lines))
-        out.flush()
+        sink.end_batch()
         if progress:
             progress.update(done, failures)
-    out.write("".join(error_line(i) for i in range(done, len(locations))))
-    out.flush()
+    for i in range(done, len(locations)):
+        add_error(i)
+    sink.close()
     if progress:
         progress.update(len(locations), failures)
     return failures
+
+
+def _with_neighbours(records, gallery, top_k):
+    """Each embedding record replaced by its top_k nearest gallery images (None records stay None)."""
+    import numpy as np
+
+    found = [i for i, record in enumerate(records) if record is not None]
+    if not found:
+        return records
+    queries = np.asarray([records[i]["embedding"] for i in found], np.float32)
+    answers = dict(zip(found, embeddings.neighbours(queries, gallery, top_k)))
+    return [None if record is None else {"neighbours": answers[i]} for i, record in enumerate(records)]
 
 
 LOG_EVERY_S = 30.0  # seconds between progress lines in a log (a terminal's bar redraws up to 5 times a second)
@@ -248,13 +275,14 @@ def merge(input_path, output_path, output_format, num_workers, overwrite):
     if files.exists(output_path) and not overwrite:
         raise UserError(f"{output_path} exists; pass --overwrite to replace it")
     all_locations = read_locations(input_path)
-    failures = output_file.merge_parts(all_locations, output_path, output_format, num_workers)
+    line_format = "jsonl" if output_format == "npy" else output_format  # npy's lines (the .npy files stay apart)
+    failures = output_file.merge_parts(all_locations, output_path, line_format, num_workers)
     cli.say(f"{len(all_locations)} images, {failures} failed: merged {num_workers} parts into {output_path}")
 
 
 def run_worker(model_dir, input_path, output_path, *, output_format="text", num_workers=1, index=0, overwrite=False,
                batch_size=64, read_threads=16, url_timeout_s=30.0, float_precision=6,
-               max_image_pixels=image_limit.MAX_IMAGE_PIXELS):
+               max_image_pixels=image_limit.MAX_IMAGE_PIXELS, gallery="", top_k=5, shard_size=65536):
     """Predicts worker `index`'s share of the list into its part file (the whole output for one worker)."""
     all_locations = read_locations(input_path)
     start, stop = output_file.shard_bounds(len(all_locations), num_workers, index)
@@ -262,20 +290,27 @@ def run_worker(model_dir, input_path, output_path, *, output_format="text", num_
     path = output_file.part_path(output_path, index, num_workers)
     if overwrite:
         files.remove(path)
-    done, failures = output_file.scan_output(path, locations, output_format)
+    line_format = "jsonl" if output_format == "npy" else output_format  # npy's lines are jsonl
+    done, failures = output_file.scan_output(path, locations, line_format)
     if done == len(locations) and files.exists(path):
         raise UserError(f"{path} is already complete ({done} lines); pass --overwrite to predict again")
     resumed = f" (resumed after {done})" if done else ""
     cli.say(f"predicting {len(locations) - done} images into {path}{resumed}")
     model = inference.load(model_dir)
+    if (output_format == "npy" or gallery) and not embeddings.is_embedding_model(model):
+        flag = "--output_format=npy" if output_format == "npy" else "--gallery"
+        raise UserError(f"{flag} needs an embedding model (--task=metric_learning); {model_dir} is a {model.task} model")
+    neighbours_of = embeddings.read_gallery(gallery) if gallery else None
     if os.path.dirname(path):
         files.makedirs(os.path.dirname(path))
     list_dir = os.path.dirname(input_path)
     todo = locations[done:]
     with files.open_file(path, "a") as out:
+        sink = embeddings.Shards(out, path, shard_size, done) if output_format == "npy" else None
         failures += predict_into(out, model, todo, [resolve(loc, list_dir) for loc in todo], output_format,
                                  batch_size, read_threads, url_timeout_s, float_precision,
-                                 Progress(len(locations), already_done=done), max_image_pixels)
+                                 Progress(len(locations), already_done=done), max_image_pixels, sink=sink,
+                                 gallery=neighbours_of, top_k=top_k)
     cli.say(f"{len(locations)} images{resumed}, {failures} failed: {path}")
     if num_workers > 1:
         cli.say(f"once all {num_workers} workers are done, run the same command with --merge")
@@ -308,7 +343,7 @@ def _check(values):
     missing = cli.missing_flags(values, FLAGS_TABLE)
     cli.require([name for name in missing if not (name == "model_dir" and values["merge"].value)])
     cli.check_choices(values, FLAGS_TABLE)
-    for name in ("batch_size", "read_threads", "max_image_pixels"):
+    for name in ("batch_size", "read_threads", "max_image_pixels", "top_k", "shard_size"):
         if values[name].value < 1:
             raise UserError(f"--{name}={values[name].value} must be at least 1")
     if not 1 <= values["float_precision"].value <= 17:
@@ -330,7 +365,7 @@ def main(argv=None):
             run_worker(v.model_dir, v.input_path, v.output_path, output_format=v.output_format, num_workers=num_workers,
                        index=index, overwrite=v.overwrite, batch_size=v.batch_size, read_threads=v.read_threads,
                        url_timeout_s=v.url_timeout_s, float_precision=v.float_precision,
-                       max_image_pixels=v.max_image_pixels)
+                       max_image_pixels=v.max_image_pixels, gallery=v.gallery, top_k=v.top_k, shard_size=v.shard_size)
     except UserError as e:
         cli.fail(str(e))
     except KeyboardInterrupt:

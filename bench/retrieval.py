@@ -1,0 +1,111 @@
+"""Time and peak memory of the exact retrieval evaluation, and of nearest() against faiss.
+
+retrieval_metrics on N random unit vectors of --dim with --classes labels, for
+each N in --sizes; then nearest() of --queries against a --gallery, and the
+same search with faiss.IndexFlatIP when faiss is installed (exact too: the
+column "same" is the share of queries whose k neighbours it returns in the
+same order). Each case runs in a fresh process; "peak MiB" is that process's
+peak resident memory above what it held once the data was made, so it counts
+faiss's own allocations as well as NumPy's. Prints a markdown table.
+
+    python bench/retrieval.py [--sizes 10000 50000 100000] [--dim 512] [--gallery 100000] [--queries 10000]
+"""
+
+import argparse
+import datetime
+import multiprocessing
+import os
+import platform
+import resource
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from trainer import retrieval
+
+
+def unit_rows(rng, n, dim):
+    rows = rng.standard_normal((n, dim), dtype=np.float32)
+    rows /= np.linalg.norm(rows, axis=1, keepdims=True)
+    return rows
+
+
+def resident_mib():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def run_case(case):
+    """One measurement, in its own process: (seconds, peak MiB above the data, result)."""
+    kind, n, args = case
+    rng = np.random.default_rng(0)
+    if kind == "metrics":
+        embeddings, labels = unit_rows(rng, n, args.dim), rng.integers(0, args.classes, n)
+        call = lambda: retrieval.retrieval_metrics(embeddings, labels, memory_bytes=args.memory_bytes)
+    else:
+        queries, gallery = unit_rows(rng, args.queries, args.dim), unit_rows(rng, n, args.dim)
+        call = lambda: retrieval.nearest(queries, gallery, args.k, memory_bytes=args.memory_bytes)
+        if kind == "faiss":
+            call = lambda: faiss_search(queries, gallery, args.k)
+    before = resident_mib()
+    started = time.perf_counter()
+    result = call()
+    seconds = time.perf_counter() - started
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - before
+    return seconds, peak, result
+
+
+def faiss_search(queries, gallery, k):
+    import faiss
+
+    index = faiss.IndexFlatIP(gallery.shape[1])
+    index.add(gallery)
+    similarities, indices = index.search(queries, k)
+    return indices, similarities
+
+
+def measure(case):
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(run_case, (case,))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 50_000, 100_000])
+    parser.add_argument("--dim", type=int, default=512)
+    parser.add_argument("--classes", type=int, default=1000)
+    parser.add_argument("--gallery", type=int, default=100_000)
+    parser.add_argument("--queries", type=int, default=10_000)
+    parser.add_argument("--k", type=int, default=10)
+    parser.add_argument("--memory_bytes", type=int, default=retrieval.MEMORY_BYTES)
+    args = parser.parse_args()
+    with open("/proc/cpuinfo") as f:
+        cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), platform.processor())
+    print(f"{datetime.date.today()}, {cpu}, {os.cpu_count()} cores, NumPy {np.__version__}; "
+          f"memory_bytes {args.memory_bytes >> 20} MiB")
+    print(f"`python {' '.join(sys.argv)}`\n")
+    print("| what | N (gallery) | D | seconds | peak MiB | result |")
+    print("|---|---|---|---|---|---|")
+    for n in args.sizes:
+        seconds, peak, got = measure(("metrics", n, args))
+        summary = f"recall@1 {got['recall_at_1']:.4f}, MAP@R {got['map_at_r']:.5f}, {got['queries']} queries"
+        print(f"| retrieval_metrics | {n} | {args.dim} | {seconds:.1f} | {peak:.0f} | {summary} |", flush=True)
+    what = f"{args.queries} queries, k {args.k}"
+    seconds, peak, (indices, _) = measure(("nearest", args.gallery, args))
+    print(f"| nearest (NumPy) | {args.gallery} | {args.dim} | {seconds:.1f} | {peak:.0f} | {what} |", flush=True)
+    try:
+        import faiss
+    except ImportError:
+        print("| faiss.IndexFlatIP | not installed | | | | |")
+        return
+    seconds, peak, (faiss_indices, _) = measure(("faiss", args.gallery, args))
+    same = np.mean((faiss_indices == indices).all(axis=1))
+    print(f"| faiss {faiss.__version__} IndexFlatIP | {args.gallery} | {args.dim} | {seconds:.1f} | {peak:.0f} | "
+          f"{what}; same {same:.4f} |")
+
+
+if __name__ == "__main__":
+    main()
