@@ -43,7 +43,8 @@ def attempt(a):
     from trainer.tasks import METRIC_LEARNING
 
     devices = keras.distribution.list_devices()[:a.devices]
-    keras.distribution.set_distribution(margins.model_parallel(devices))
+    if len(devices) > 1:  # as the trainer does: one device holds the whole head without a distribution
+        keras.distribution.set_distribution(margins.model_parallel(devices))
     keras.mixed_precision.set_dtype_policy(a.precision)
     batch = a.batch_size * a.devices
     head = lambda features, num_classes: METRIC_LEARNING.head(features, num_classes, embedding_size=a.embedding_size)
@@ -78,7 +79,7 @@ def run_attempt(a, classes, devices, timed):
     result = json.loads(lines[-1]) if lines else None
     state = "trained" if child.returncode == 0 else "out of memory" if child.returncode == OUT_OF_MEMORY else "failed"
     print(f"  {devices} device(s), {classes:,} classes: {state}"
-          + (f", peak {result['peak_mem_gib']:.1f} GiB" if result else "")
+          + (f", peak {result['peak_mem_gib']:.1f} GiB" if result and "peak_mem_gib" in result else "")
           + ("" if child.returncode in (0, OUT_OF_MEMORY) else "\n" + child.stderr[-2000:]), flush=True)
     return child.returncode == 0, result
 
@@ -86,11 +87,11 @@ def run_attempt(a, classes, devices, timed):
 def largest(a, devices):
     """The largest class count (a multiple of devices) that trained, and the smallest that did not (or None)."""
     good, bad, classes = 0, None, a.start
-    while classes <= LABEL_LIMIT:
+    while good < LABEL_LIMIT:
         if not run_attempt(a, classes, devices, timed=False)[0]:
             bad = classes
             break
-        good, classes = classes, classes * 2
+        good, classes = classes, min(classes * 2, LABEL_LIMIT)  # the last try: the limit itself
     for _ in range(a.bisect if bad else 0):
         middle = (good + bad) // 2 // devices * devices
         if middle in (good, bad):

@@ -5,28 +5,40 @@ with neither, this process is the whole cluster. Each backend's own engine
 does the work:
   * JAX: keras.distribution (initialize() for several processes, then
     DataParallel over every device; or with --classifier_parallelism=model,
-    ModelParallel splitting the head's classes over them, margins.py);
+    ModelParallel splitting the head's classes over them, margins.py); a TPU
+    VM's chips are devices like any other;
   * TensorFlow: MirroredStrategy for several local GPUs;
     MultiWorkerMirroredStrategy for several processes (prepare_fit works
-    around the two places where Keras 3's fit breaks under it).
---train_batch_size stays the global batch. Only the chief (process 0) writes
+    around the two places where Keras 3's fit breaks under it); TPUStrategy
+    when --tpu or $TPU_NAME names a TPU.
+--train_batch_size stays the global batch. With several processes each reads
+only its share of every batch (data.training_dataset) and hands it to its
+engine as its part of the global batch. Only the chief (process 0) writes
 checkpoints, metrics and the export.
 """
 
 import contextlib
+import os
 
 from trainer import cli
 
 
-def setup(backend, cluster, classifier_parallelism="data", num_classes=None):
+def setup(backend, cluster, classifier_parallelism="data", num_classes=None, tpu=""):
     """Starts the backend's distribution; returns (the context to build and compile the model in,
     the number of devices a batch is split over).
 
     classifier_parallelism="model" (JAX only; config.py refuses it on TensorFlow): the head's class
     weights are split over every device (margins.model_parallel), the rest stays data parallel.
+    tpu (TensorFlow only; "" = $TPU_NAME, if set): the TPU that TPUStrategy runs on.
     """
     if backend == "jax":
+        if tpu:
+            raise cli.UserError("--tpu is for --backend=tensorflow (TPUStrategy); on JAX a TPU VM's chips are "
+                                "found as devices: leave --tpu out")
         return _setup_jax(cluster, classifier_parallelism, num_classes)
+    tpu = tpu or os.environ.get("TPU_NAME", "")
+    if tpu:
+        return _setup_tpu(cluster, tpu)
     return _setup_tensorflow(cluster)
 
 
@@ -36,18 +48,21 @@ def _setup_jax(cluster, classifier_parallelism, num_classes):
     if len(cluster.addresses) > 1:
         keras.distribution.initialize(",".join(cluster.addresses), len(cluster.addresses), cluster.index)
     devices = keras.distribution.list_devices()
-    if classifier_parallelism == "model":
+    if classifier_parallelism == "model" and len(devices) > 1:  # one device holds the whole head anyway
         from trainer import margins
 
         if num_classes % len(devices):
             raise cli.UserError(f"--num_classes={num_classes} must be a multiple of the {len(devices)} devices the "
                                 "head is split over (--classifier_parallelism=model)")
-        keras.distribution.set_distribution(margins.model_parallel(devices))
+        distribution = margins.model_parallel(devices)
+        distribution.auto_shard_dataset = False  # each process's dataset is its share already
+        keras.distribution.set_distribution(distribution)
         cli.say(f"head split by class over {len(devices)} devices in {cluster.size} process(es), the rest data "
                 "parallel (keras.distribution.ModelParallel)")
         return contextlib.nullcontext(), len(devices)
     if len(devices) > 1:
-        keras.distribution.set_distribution(keras.distribution.DataParallel(devices=devices))
+        # auto_shard_dataset=False: each process's dataset is its share of the global batch already.
+        keras.distribution.set_distribution(keras.distribution.DataParallel(devices=devices, auto_shard_dataset=False))
         cli.say(f"data parallel over {len(devices)} devices in {cluster.size} process(es) (keras.distribution)")
     return contextlib.nullcontext(), len(devices)
 
@@ -70,6 +85,54 @@ def _setup_tensorflow(cluster):
         cli.say(f"data parallel over {strategy.num_replicas_in_sync} devices (MirroredStrategy)")
         return strategy.scope(), strategy.num_replicas_in_sync
     return contextlib.nullcontext(), 1
+
+
+def tpu_cluster_resolver(name):
+    """TensorFlow's resolver for the TPU called name ('local' on a TPU VM); tests replace it."""
+    import tensorflow as tf
+
+    return tf.distribute.cluster_resolver.TPUClusterResolver(tpu=name)
+
+
+def _setup_tpu(cluster, name):
+    import tensorflow as tf
+
+    if len(cluster.addresses) > 1:
+        raise cli.UserError(f"--tpu / $TPU_NAME={name}: TPUStrategy drives the whole TPU from one trainer process; "
+                            "start one, without a TF_CONFIG or CLUSTER_SPEC naming several")
+    try:
+        resolver = tpu_cluster_resolver(name)
+    except (ValueError, RuntimeError, OSError) as e:
+        reason = " ".join(str(e).split())  # one line
+        raise cli.UserError(f"--tpu / $TPU_NAME={name}: no such TPU can be reached ({reason}); name a TPU of this "
+                            "project and zone, or 'local' on a TPU VM") from None
+    tf.config.experimental_connect_to_cluster(resolver)
+    tf.tpu.experimental.initialize_tpu_system(resolver)
+    strategy = tf.distribute.TPUStrategy(resolver)
+    cli.say(f"data parallel over {strategy.num_replicas_in_sync} TPU cores of {name} (TPUStrategy)")
+    return strategy.scope(), strategy.num_replicas_in_sync
+
+
+def training_input(dataset, batch_size):
+    """What fit trains on: the training dataset, or under MultiWorkerMirroredStrategy this worker's
+    share of every global batch of batch_size images, handed to the strategy as this worker's input
+    (distribute_datasets_from_function) and split into its local replicas' batches. Call it in the
+    strategy's scope.
+
+    (Handed to fit as a plain dataset, the share would be taken for the global batch and split over
+    every worker's replicas again.)
+    """
+    import keras
+
+    if keras.config.backend() != "tensorflow":
+        return dataset
+    import tensorflow as tf
+
+    strategy = tf.distribute.get_strategy()
+    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        return dataset
+    return strategy.distribute_datasets_from_function(
+        lambda context: dataset.rebatch(context.get_per_replica_batch_size(batch_size), drop_remainder=True))
 
 
 def prepare_fit(model, batch_spec):
