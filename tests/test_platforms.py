@@ -173,8 +173,8 @@ def test_a_pai_backbone_not_built_here_is_refused_with_the_ones_that_are(trainer
     (["--momentum=0.9", "--optimizer_arguments=momentum=0.8"], "momentum and --optimizer_arguments both set momentum"),
     (["--evaluate_every_n_epochs=2", "--do_eval_along_train=False"],
      "ModelArts do_eval_along_train and ModelArts evaluate_every_n_epochs both set --eval_frequency"),
-    (["--pai_param_config=--model_type Detection"], "PAI model_type=Detection: this trainer trains Classification "
-                                                    "and MultiLabelClassification"),
+    (["--pai_param_config=--model_type Detection"], "PAI model_type=Detection: this trainer trains Classification, MultiLabelClassification, "
+                                                     "DataParallelMetricLearning"),
     (["--pai_param_config=--num_classes 3 --anchor_scales 1,2"], "PAI parameter --anchor_scales is not one this "
                                                                  "trainer translates; it translates backbone, "),
     (["--pai_param_config=--lr_type manual_step"], "PAI lr_type=manual_step: this trainer translates exponential_decay"),
@@ -309,3 +309,24 @@ def test_a_pai_param_config_trains(tmp_path, trainer_main):
                          "--train_batch_size=8 --eval_batch_size=8 --image_size=16 --learning_rate_decay_type=exponential "
                          "--initial_learning_rate=0.01 --decay_epochs=1 --staircase=true --max_steps=2 --log_frequency=1")
     assert lines[-1].startswith("top_1_accuracy=") and (tmp_path / "out" / "model" / "saved_model.pb").exists()
+
+
+def test_pai_metric_learning_names_become_the_task_its_backbones_and_the_split_head():
+    config = ("--model_type ModelParallelMetricLearning --backbone swint_tiny --optimizer adamw --num_classes 1000 "
+              "--train_data oss://b/train_labeled.txt --test_data oss://b/val_labeled.txt --model_dir oss://b/run")
+    _, lines = platforms.translate(["t", "--pai_param_config", config])
+    assert lines[:3] == [
+        "PAI model_type=ModelParallelMetricLearning -> --task=metric_learning --classifier_parallelism=model "
+        "--backend=jax",
+        "PAI backbone=swint_tiny -> --model_type=swin-tiny",
+        "PAI num_classes=1000 -> --num_classes=1000",
+    ]
+    assert "PAI optimizer=adamw -> --optimizer_type=adamw" in lines
+    _, lines = platforms.translate(["t", "--pai_param_config=--model_type DataParallelMetricLearning --backbone vit_base"])
+    assert lines[:2] == ["PAI model_type=DataParallelMetricLearning -> --task=metric_learning",
+                         "PAI backbone=vit_base -> --model_type=vit-base"]
+
+
+def test_a_pai_xcit_backbone_is_refused_with_the_reason(trainer_main):
+    result = trainer_main(["--pai_param_config=--model_type DataParallelMetricLearning --backbone xcit_small"])
+    assert_user_error(result, "PAI backbone 'xcit_small': XCiT has no maintained Keras implementation", "swint_tiny")

@@ -351,7 +351,7 @@ def load_pretrained(model, path, model_type, image_size):
             detail = (str(e).strip().splitlines() or [type(e).__name__])[0]
             raise UserError(f"--pretrained_checkpoint_path: {path} does not hold {model_type} weights ({detail})") from None
     model.get_layer("backbone").set_weights(source.get_layer("backbone").get_weights())
-    if source_classes == model.get_layer("logits").units:
+    if source_classes == getattr(model.get_layer("logits"), "units", None):  # a metric-learning head: backbone only
         model.get_layer("logits").set_weights(source.get_layer("logits").get_weights())
     return source_classes
 

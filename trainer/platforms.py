@@ -14,7 +14,7 @@ import os
 import shlex
 
 from trainer import cli, schedules, schema
-from trainer.backbones import BACKBONES
+from trainer.backbones import BACKBONES, NOT_BUILT
 from trainer.cli import UserError
 from trainer.sagemaker import CHANNELS
 
@@ -25,8 +25,12 @@ PLATFORM_BACKBONES = {
     "resnet_v1a_34": "resnet-34", "resnet_v1_50": "resnet-50", "resnet_v1_101": "resnet-101",
     "resnet_v1_152": "resnet-152", "resnet_v1_200": "resnet-200",
     **{f"efficientnet_b{i}": f"efficientnet-b{i}" for i in range(8)},
+    # PAI's image metric learning names.
+    **{f"resnet{depth}": f"resnet-{depth}" for depth in (18, 34, 50, 101)},
+    **{f"{theirs}_{size}": f"{mine}-{size}" for theirs, mine in (("vit", "vit"), ("swint", "swin"))
+       for size in ("tiny", "small", "base")},
 }
-OPTIMIZERS = {"momentum": "momentum", "sgd": "momentum", "adam": "adam", "rmsprop": "rmsprop"}
+OPTIMIZERS = {"momentum": "momentum", "sgd": "momentum", "adam": "adam", "rmsprop": "rmsprop", "adamw": "adamw"}
 
 # ModelArts names that have no meaning here: accepted, each with the reason it is ignored.
 MODELARTS_IGNORED = {
@@ -51,7 +55,8 @@ PAI_SAME = {
     "decay_epochs": "decay_epochs", "decay_factor": "decay_factor", "staircase": "staircase", "power": "decay_power",
     "weight_decay": "weight_decay",
 }
-PAI_TASKS = {"classification": "classification", "multilabelclassification": "multi_label"}
+PAI_TASKS = {"classification": "classification", "multilabelclassification": "multi_label",
+             "dataparallelmetriclearning": "metric_learning", "modelparallelmetriclearning": "metric_learning"}
 PAI_DECAYS = {"exponential_decay": "exponential", "polynomial_decay": "polynomial", "cosine_decay": "cosine"}
 PAI_NAMES = (*PAI_SAME, "model_type", "backbone", "lr_type", "optimizer", "momentum", "num_test_example",
              "use_pretrained_model")
@@ -155,6 +160,10 @@ def _number(platform, name, value):
 
 def _backbone(platform, name):
     ours = PLATFORM_BACKBONES.get(name.lower(), name if name in BACKBONES else None)
+    unbuilt = next((why for family, why in NOT_BUILT.items() if name.lower().startswith(family)), None)
+    if unbuilt:
+        raise UserError(f"{platform} backbone {name!r}: {unbuilt}, so this trainer does not build it; choose one of "
+                        + ", ".join(PLATFORM_BACKBONES))
     if ours is None:
         built = ", ".join(f"{theirs} ({mine})" for theirs, mine in PLATFORM_BACKBONES.items())
         raise UserError(f"{platform} backbone {name!r} is not one this trainer builds; it builds {built}")
@@ -323,9 +332,14 @@ def _pai(run, params):
             run.say(source, _flags_text(run, PAI_SAME[name]))
         elif name == "model_type":
             if value.lower() not in PAI_TASKS:
-                raise UserError(f"{source}: this trainer trains Classification and MultiLabelClassification")
+                raise UserError(f"{source}: this trainer trains Classification, MultiLabelClassification, "
+                                "DataParallelMetricLearning and ModelParallelMetricLearning")
             run.put("task", PAI_TASKS[value.lower()], source)
-            run.say(source, _flags_text(run, "task"))
+            if value.lower() == "modelparallelmetriclearning":  # the head split over the devices: JAX's
+                run.put("classifier_parallelism", "model", source)
+                if "backend" not in run.given:
+                    run.put("backend", "jax", source)
+            run.say(source, _flags_text(run, "task", "classifier_parallelism", "backend"))
         elif name == "backbone":
             run.put("model_type", _backbone("PAI", value), source)
             run.say(source, _flags_text(run, "model_type"))
