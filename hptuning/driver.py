@@ -87,7 +87,7 @@ def _sampler_seed(settings, study, lone):
     return {**settings, "seed": random.Random(f"{settings['seed']}:{trials}:{worker}").randrange(2**31)}
 
 
-def run_study(spec, job_dir, storage_url, study_name, heartbeat_interval=60, poll_seconds=1.0, callbacks=()):
+def run_study(spec, job_dir, storage_url, study_name, heartbeat_interval=60, poll_seconds=0.25, callbacks=()):
     """Runs (or resumes) the study; returns None, or why it failed (max_failed_trial_count, no trial complete).
 
     Raises UserError with the trainer's own `error:` line when a trial met a

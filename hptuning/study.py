@@ -37,7 +37,8 @@ STUDY_FLAGS = (
              "process only.", "storage and workers"),
     cli.Flag("heartbeat_interval", "integer", 60, "Seconds between a running trial's heartbeats; a trial silent "
              "for twice this long is failed and retried by the other workers.", "storage and workers"),
-    cli.Flag("poll_seconds", "float", 1.0, "Seconds between reads of a running trial's metrics file.",
+    cli.Flag("poll_seconds", "float", 0.25, "Seconds between reads of a running trial's metrics file: a trial "
+             "the pruner stops trains on for up to this long after the evaluation it is judged on.",
              "storage and workers"),
 )
 FLAGS = flags.FlagValues()

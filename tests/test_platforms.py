@@ -173,8 +173,8 @@ def test_a_pai_backbone_not_built_here_is_refused_with_the_ones_that_are(trainer
     (["--momentum=0.9", "--optimizer_arguments=momentum=0.8"], "momentum and --optimizer_arguments both set momentum"),
     (["--evaluate_every_n_epochs=2", "--do_eval_along_train=False"],
      "ModelArts do_eval_along_train and ModelArts evaluate_every_n_epochs both set --eval_frequency"),
-    (["--pai_param_config=--model_type Detection"], "PAI model_type=Detection: this trainer trains Classification, MultiLabelClassification, "
-                                                     "DataParallelMetricLearning"),
+    (["--pai_param_config=--model_type Detection"], "PAI model_type=Detection: this trainer trains "
+                                                    "Classification, MultiLabelClassification, DataParallelMetricLearning"),
     (["--pai_param_config=--num_classes 3 --anchor_scales 1,2"], "PAI parameter --anchor_scales is not one this "
                                                                  "trainer translates; it translates backbone, "),
     (["--pai_param_config=--lr_type manual_step"], "PAI lr_type=manual_step: this trainer translates exponential_decay"),

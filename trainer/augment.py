@@ -8,10 +8,10 @@ Class balancing: each image's loss weight (inverse class frequency), or the
 probability that the sampler keeps it.
 
 Every random draw comes from a stateless seed derived from (--seed, position
-in the stream): image index for per-image layers, step for batch mixing, the
-index in the unfiltered stream for the sampler. The layers' own SeedGenerators
-(variables that advance with each call) are never used, so the stream is a
-pure function of (seed, step): a resumed run sees the batches an uninterrupted
+in the stream): image index for per-image layers, step (and worker, when
+several share a batch) for batch mixing, the index in the unfiltered stream
+for the sampler. The layers' own SeedGenerators (variables that advance with
+each call) are never used, so the stream is a pure function of (seed, step): a resumed run sees the batches an uninterrupted
 one saw. Images stay uint8: each layer's float output is rounded back, so the
 model's uint8 input, evaluation and the export are unchanged.
 """
@@ -129,14 +129,15 @@ class _AugMixVariants:
         return tf.switch_case(choice, [variant(n) for n in range(AUGMIX_VARIANTS)])
 
 
-def batch_mixer(mixup_alpha, cutmix_alpha, seed):
+def batch_mixer(mixup_alpha, cutmix_alpha, seed, worker=0):
     """(step, (images, targets[, weights])) -> the batch mixed; None when both alphas are 0.
 
     images uint8 [B, S, S, 3], targets float [B, C], weights [B]. Each image is
     mixed with another of the batch: MixUp blends the pixels with weight
     lam ~ Beta(mixup_alpha, mixup_alpha), CutMix pastes a box of area 1 - lam
     with lam ~ Beta(cutmix_alpha, ...); targets and weights become lam * own +
-    (1 - lam) * partner's, lam counted in pixels for CutMix.
+    (1 - lam) * partner's, lam counted in pixels for CutMix. worker: whose share
+    of the global batch this is (data.training_dataset); each draws its own.
     """
     mixers = []
     if mixup_alpha:
@@ -150,6 +151,8 @@ def batch_mixer(mixup_alpha, cutmix_alpha, seed):
 
     def mix(step, batch):
         layer_seed = stream_seed(seed, step, _MIX)
+        if worker:  # worker 0 draws as one process does: a one-process run's mixes are unchanged
+            layer_seed = tf.random.experimental.stateless_fold_in(layer_seed, worker)
         if len(mixers) == 1:
             return _mix(mixers[0], batch, layer_seed)
         return tf.cond(step % 2 == 0, lambda: _mix(mixers[0], batch, layer_seed),

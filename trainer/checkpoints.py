@@ -2,7 +2,8 @@
 
     ckpt-STEP.weights.h5      weights and optimizer state (slots, iterations, the weights' average)
                               after STEP batches; the --max_to_keep newest
-    best-STEP.weights.h5      weights of the best evaluation so far (averaged, with --ema_decay)
+    best-STEP.weights.h5      weights of the best evaluation so far (averaged, with --ema_decay;
+                              else ckpt-STEP's file under a second name, a hard link where local)
     state.json                the commit: step, file names, evaluations, best,
                               and the run fingerprint a resume must match
 
@@ -47,6 +48,7 @@ class Checkpoints:
         self.fingerprint = {name: _jsonable(getattr(config, name)) for name in schema.fingerprint_fields()}
         self.max_to_keep = config.max_to_keep
         self.committed_step = None  # the step of the last commit read or written, for error messages
+        self._best_unwritten = None  # best-STEP's name when the next save() writes its weights (save_best)
 
     def load_state(self):
         """The committed state ({} when none), refused if it belongs to a different run.
@@ -120,9 +122,18 @@ class Checkpoints:
         return os.path.join(self.folder, name)
 
     def save_best(self, model, step):
-        """Writes best-STEP.weights.h5; it counts once save() commits it."""
+        """Names best-STEP.weights.h5, the model's weights now; it counts once save() commits it.
+
+        Averaged weights (--ema_decay) are written now. Other weights are the ones
+        save() writes next, for the same step: it writes them once, under both names.
+        """
+        from trainer import models  # Keras: loaded by now, as the model is
+
         name = f"best-{step}.weights.h5"
-        self._save_weights(model, name)
+        if getattr(models.inner_optimizer(model.optimizer), "use_ema", False):
+            self._save_weights(model, name)
+        else:
+            self._best_unwritten = name
         return name
 
     def save(self, model, step, state):
@@ -131,6 +142,9 @@ class Checkpoints:
         weights = f"ckpt-{step}.weights.h5"
         commit = {**state, "run": self.fingerprint, "step": step, "weights": weights}
         self._save_weights(model, weights, commit)  # the optimizer state too: the model is compiled
+        if self._best_unwritten and state.get("best_weights") == self._best_unwritten:
+            self._second_name(weights, self._best_unwritten)
+        self._best_unwritten = None
         try:
             files.write_json(os.path.join(self.folder, STATE), commit)
         except files.OutOfRoom as e:  # say which commit stands
@@ -178,6 +192,27 @@ class Checkpoints:
         finally:
             if tmp_dir:
                 shutil.rmtree(tmp_dir, ignore_errors=True)
+
+    def _second_name(self, name, other):
+        """The weights file name, just written, also as other: a hard link (a copy where links are not
+        possible, and on gs://), in place when complete. A full disk is a UserError."""
+        source, target = os.path.join(self.folder, name), os.path.join(self.folder, other)
+        tmp = f"{target[:-len('.weights.h5')]}.tmp-{os.getpid()}.weights.h5"
+        try:
+            if files.is_remote(target):
+                files.gfile().copy(source, target, overwrite=True)
+                return
+            try:
+                os.link(source, tmp)
+            except OSError:  # a file system without hard links
+                shutil.copyfile(source, tmp)
+                files.sync(tmp)
+            os.replace(tmp, target)
+        except Exception as e:
+            files.remove(tmp)
+            if files.is_out_of_room(e):
+                raise files.out_of_room(target, e, self._intact()) from None
+            raise
 
 
 def _abandon_h5(path):

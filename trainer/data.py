@@ -70,28 +70,36 @@ def _parser(fmt):
 def _encoded(source, keys, fmt, shuffle_seed=None, read=True):
     """(key, encoded image, label) for the records in `keys` (None = all).
 
-    read=False leaves image files of folder and list sources unread (the path
-    in place of the bytes), so that skipping records costs no file reads.
+    read=False leaves every record unread (see _reader): the path of a folder's
+    or list's image, a TFRecord's serialized tf.Example. Records skipped, or
+    left to another worker, then cost no file read (folders, lists) and no
+    parse (TFRecords).
     """
     if source.kind == "tfrecord":
-        ds = _tfrecord_records(source, shuffle_seed).map(_parser(source.record_format(fmt)), num_parallel_calls=AUTOTUNE)
+        ds = _tfrecord_records(source, shuffle_seed)
         if keys is not None:  # some records were left out by the scan
             keep = tf.lookup.StaticHashTable(tf.lookup.KeyValueTensorInitializer(keys, tf.ones_like(keys)), 0)
-            ds = ds.filter(lambda key, image, label: keep.lookup(key) > 0)
-        return ds
-    keys = np.arange(len(source.files), dtype=np.int64) if keys is None else keys
-    chosen = [source.labels[k] for k in keys]
-    if fmt.several_labels:
-        values = np.array([i for ids in chosen for i in ids], dtype=np.int64)
-        labels = tf.RaggedTensor.from_row_lengths(values, np.array([len(ids) for ids in chosen], dtype=np.int64))
+            ds = ds.filter(lambda key, record: keep.lookup(key) > 0)
     else:
-        labels = np.array([ids[0] for ids in chosen], dtype=np.int64)
-    ds = tf.data.Dataset.from_tensor_slices((keys, np.array(source.files)[keys], labels))
-    if shuffle_seed is not None:
-        ds = ds.shuffle(len(keys), seed=shuffle_seed, reshuffle_each_iteration=True)
-    if not read:
-        return ds
-    return ds.map(lambda key, path, label: (key, tf.io.read_file(path), label), num_parallel_calls=AUTOTUNE)
+        keys = np.arange(len(source.files), dtype=np.int64) if keys is None else keys
+        chosen = [source.labels[k] for k in keys]
+        if fmt.several_labels:
+            values = np.array([i for ids in chosen for i in ids], dtype=np.int64)
+            labels = tf.RaggedTensor.from_row_lengths(values, np.array([len(ids) for ids in chosen], dtype=np.int64))
+        else:
+            labels = np.array([ids[0] for ids in chosen], dtype=np.int64)
+        ds = tf.data.Dataset.from_tensor_slices((keys, np.array(source.files)[keys], labels))
+        if shuffle_seed is not None:
+            ds = ds.shuffle(len(keys), seed=shuffle_seed, reshuffle_each_iteration=True)
+    return ds.map(_reader(source, fmt), num_parallel_calls=AUTOTUNE) if read else ds
+
+
+def _reader(source, fmt):
+    """An unread record -> (key, encoded image, label): (key, path, label) of a folder or list is read from
+    the file, (key, serialized tf.Example) of TFRecords is parsed."""
+    if source.kind == "tfrecord":
+        return _parser(source.record_format(fmt))
+    return lambda key, path, label: (key, tf.io.read_file(path), label)
 
 
 def scan(source, num_classes, fmt, max_corrupt_fraction):
@@ -299,41 +307,52 @@ def record_details(source, fmt, batch_size=256):
 
 def training_dataset(source, scan_result, fmt, target, batch_size, image_size, num_classes, seed, min_area, flip,
                      start_step=0, *, augmentation="basic", randaugment_magnitude=0.5, random_erasing=0.0,
-                     mixup_alpha=0.0, cutmix_alpha=0.0, class_balancing="none"):
-    """Endless shuffled batches of (uint8 images, float targets[, per-image loss weights]).
+                     mixup_alpha=0.0, cutmix_alpha=0.0, class_balancing="none", worker=0, workers=1):
+    """Endless shuffled batches of (uint8 images, float targets[, per-image loss weights]): worker's
+    rows of every global batch of batch_size images.
 
     A pure function of (seed, step): resuming at start_step skips exactly the
     records an uninterrupted run consumed, and gives them the same crops, flips,
     augmentations, mixes and sampler draws. The options are the flags' (augment.py).
+
+    With several worker processes, each reads and decodes only its rows:
+    worker i the i-th of `workers` equal, consecutive parts of each global
+    batch, so the workers' batches of a step, in worker order, are the
+    one-process batch. Mixing is the exception: each worker mixes its own rows
+    (pairs never cross workers), with draws from (seed, step, worker).
     """
     keys = scan_result.keys if len(scan_result.keys) < scan_result.total else None
-    ds = _encoded(source, keys, fmt, shuffle_seed=seed, read=False)
+    ds = _encoded(source, keys, fmt, shuffle_seed=seed, read=False)  # read below: only this worker's records
     if source.kind == "tfrecord":
         ds = ds.shuffle(min(scan_result.total, 16384), seed=seed, reshuffle_each_iteration=True)
     ds = ds.repeat()
     label_rows = (scan_result.labels, scan_result.label_splits, num_classes)
-    if class_balancing == "sampler":  # before reading: a record left out costs no file read
+    if class_balancing == "sampler":  # every worker draws for every record: the same kept stream everywhere
         keep = augment.sampler_filter(scan_result.keys, augment.sampler_acceptance(*label_rows), seed)
         ds = ds.enumerate().filter(keep).map(lambda index, element: element)
     weights = augment.key_table(scan_result.keys, augment.loss_weights(*label_rows)) if class_balancing == "weights" else None
     start = start_step * batch_size
-    ds = ds.skip(start).enumerate(start=start)
+    ds = ds.skip(start).enumerate(start=start)  # index: the image's position in the global stream
+    rows = batch_size // workers  # this worker's batch
+    if workers > 1:
+        ds = ds.filter(lambda index, element: index // rows % workers == worker)
     image = augment.image_pipeline(augmentation, image_size, min_area, flip, randaugment_magnitude, random_erasing, seed)
+    read = _reader(source, fmt)
 
     def prepare(index, element):
-        key, encoded, label = element
-        if source.kind != "tfrecord":
-            encoded = tf.io.read_file(encoded)  # read after skip(): resuming reads no file twice
+        key, encoded, label = read(*element)  # after skip() and the worker's filter: no record is read twice
         example = (image(encoded, index), target(label, num_classes))
         return example if weights is None else (*example, weights.lookup(key))
 
-    ds = ds.map(prepare, num_parallel_calls=AUTOTUNE, deterministic=True).batch(batch_size, drop_remainder=True)
-    mix = augment.batch_mixer(mixup_alpha, cutmix_alpha, seed)
+    ds = ds.map(prepare, num_parallel_calls=AUTOTUNE, deterministic=True).batch(rows, drop_remainder=True)
+    mix = augment.batch_mixer(mixup_alpha, cutmix_alpha, seed, worker)
     if mix is not None:
         ds = ds.enumerate(start=start_step).map(mix, num_parallel_calls=AUTOTUNE, deterministic=True)
     options = tf.data.Options()
-    # Under several workers each reads the whole (deterministic) stream and keeps its share of every batch.
-    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    # One process's stream is the whole global batch, which a strategy splits over its devices;
+    # a worker's stream is its share already.
+    policy = tf.data.experimental.AutoShardPolicy
+    options.experimental_distribute.auto_shard_policy = policy.DATA if workers == 1 else policy.OFF
     return ds.prefetch(AUTOTUNE).with_options(options)
 
 
@@ -360,7 +379,7 @@ def eval_dataset(source, scan_result, fmt, target, batch_size, image_size, num_c
 
 @dataclasses.dataclass(frozen=True)
 class Inputs:
-    training: object  # endless (uint8 images, float targets[, loss weights]) batches from start_step on
+    training: object  # endless (uint8 images, float targets[, loss weights]) batches from start_step on: this worker's share
     evaluation: object  # the evaluation batches, the same images every evaluation
     class_names: tuple  # in label order
     summary: dict  # image counts and unreadable images, for metrics.json
@@ -372,9 +391,10 @@ def prepare_inputs(training_path, validation_path, num_classes, task, *, image_k
                    label_map_path, max_corrupt_fraction, max_image_pixels, tfds_data_dir, scan_cache_dir, image_size, train_batch_size,
                    eval_batch_size, num_eval_images, seed, random_crop_min_area, random_flip, augmentation,
                    randaugment_magnitude, mixup_alpha, cutmix_alpha, random_erasing, class_balancing,
-                   max_batch_fraction, replicas, start_step):
+                   max_batch_fraction, replicas, start_step, worker=0, workers=1):
     """Opens and scans both sources (every bad label or unreadable image is found here, before any step),
-    and returns the two datasets with the class names and the training batch (see fitted_batch_size)."""
+    and returns the two datasets with the class names and the training batch (see fitted_batch_size).
+    The training dataset is worker's share of each batch, of `workers` processes (training_dataset)."""
     fmt = RecordFormat(image_key, label_key, label_offset, task.several_labels, max_image_pixels)
     train_source = open_source(training_path, "training_data_path", fmt, tfds_data_dir)
     eval_source = open_source(validation_path, "validation_data_path", fmt, tfds_data_dir)
@@ -391,7 +411,7 @@ def prepare_inputs(training_path, validation_path, num_classes, task, *, image_k
         train_source, train_scan, fmt, task.target, batch_size, image_size, num_classes, seed, random_crop_min_area,
         random_flip, start_step, augmentation=augmentation, randaugment_magnitude=randaugment_magnitude,
         random_erasing=random_erasing, mixup_alpha=mixup_alpha, cutmix_alpha=cutmix_alpha,
-        class_balancing=class_balancing)
+        class_balancing=class_balancing, worker=worker, workers=workers)
     evaluation, num_eval = eval_dataset(eval_source, eval_scan, fmt, task.target, eval_batch_size, image_size,
                                         num_classes, num_eval_images, seed)
     summary = {

@@ -204,6 +204,8 @@ TRAINER_FLAGS = (
           "(JAX backend).", "distribution", choices=("data", "model"), fingerprint=True),
     _flag("sync_batch_norm", "boolean", False, "Batch-norm statistics over the global batch on several devices "
           "(instead of each device's share).", "distribution", tunable=True),
+    _flag("tpu", "string", "", "TensorFlow backend: the TPU to train on with TPUStrategy ('local' on a TPU VM); "
+          "when not given, $TPU_NAME if set. JAX finds a TPU VM's chips itself.", "distribution"),
 )
 
 # Flags that are not Config fields: where the run writes is not part of what it is, and PAI's

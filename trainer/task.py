@@ -88,9 +88,16 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
-    # Every output is written, flushed and closed by now: skip the interpreter's
-    # teardown of TensorFlow's objects, which takes about 2 s on every run.
+    try:
+        main()
+        status = 0
+    except SystemExit as e:  # cli.fail: a mistake, or a run stopped by a signal or a diverging loss
+        if e.code is not None and not isinstance(e.code, int):
+            print(e.code, file=sys.stderr)  # as the interpreter does for sys.exit("text")
+        status = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
+    # Every output is written, flushed and closed by now, also when a signal stopped the
+    # run (a study's pruned trial): skip the interpreter's teardown of TensorFlow's
+    # objects, which takes about 2 s.
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(0)
+    os._exit(status)

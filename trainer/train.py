@@ -33,7 +33,7 @@ def run(c, job_dir):
     task = TASKS[c.task]
     cluster = cluster_from_env()
     # Before any TensorFlow op: collectives configure at start-up.
-    scope, replicas = distribute.setup(c.backend, cluster, c.classifier_parallelism, c.num_classes)
+    scope, replicas = distribute.setup(c.backend, cluster, c.classifier_parallelism, c.num_classes, c.tpu)
     for flag in ("train_batch_size", "eval_batch_size"):
         if getattr(c, flag) % replicas:
             raise UserError(f"--{flag}={getattr(c, flag)} must be a multiple of the {replicas} devices it is split over")
@@ -56,6 +56,7 @@ def run(c, job_dir):
             augmentation=c.augmentation, randaugment_magnitude=c.randaugment_magnitude, mixup_alpha=c.mixup_alpha,
             cutmix_alpha=c.cutmix_alpha, random_erasing=c.random_erasing, class_balancing=c.class_balancing,
             max_batch_fraction=c.max_batch_fraction, replicas=replicas, start_step=start_step,
+            worker=cluster.index, workers=cluster.size,
         )
         c = config_lib.resolve(c, inputs.training_images, inputs.batch_size)
         if out.is_chief:
@@ -84,6 +85,7 @@ def run(c, job_dir):
             if state:
                 store.restore(model, state)
             distribute.prepare_fit(model, inputs.training.element_spec)
+            training = distribute.training_input(inputs.training, inputs.batch_size)
         if start_step:
             cli.say(f"resuming from the checkpoint at step {start_step}")
         if start_step < c.freeze_backbone_steps:
@@ -104,7 +106,7 @@ def run(c, job_dir):
             cli.say(f"{reason}; nothing left to train")
         elif start_step < c.max_steps:
             model.fit(
-                inputs.training,
+                training,
                 steps_per_epoch=c.max_steps - start_step,  # the Reporter evaluates every eval_frequency steps
                 callbacks=[reporter],
                 shuffle=False,  # the input pipeline shuffles, reproducibly
@@ -308,6 +310,8 @@ class Reporter(keras.callbacks.Callback):
             self.model.jax_state_sync()
         loss = float(logs["loss"])  # the mean since the last line; float() waits for the step: only when due
         self._check_finite(loss)
+        if (last or out_of_time) and self.out.is_chief:
+            run_report.prepare()  # matplotlib loads beside the last evaluation and the export
         if due_line:
             self._progress(loss, float(logs.get("data_loss", loss)))
         if signalled and not due_evaluation:
