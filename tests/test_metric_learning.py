@@ -127,3 +127,28 @@ def test_an_image_list_with_unseen_validation_ids_trains(tmp_path, trainer_main)
                                  max_batch_fraction=0))
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.load(open(tmp_path / "job" / "metrics.json"))["best"]["queries"] == 9
+
+
+def test_the_head_split_over_two_devices_trains_evaluates_and_exports(data, tmp_path):
+    """--classifier_parallelism=model through the trainer on JAX with two host devices (the sharding's
+    numbers against the unsplit head are tests/test_margins.py's)."""
+    from tests.conftest import run_trainer
+
+    job_dir = tmp_path / "job"
+    result = run_trainer(_flags(data, job_dir, backend="jax", classifier_parallelism="model", max_steps=4,
+                                eval_frequency=4, max_batch_fraction=0),
+                         env={"XLA_FLAGS": "--xla_force_host_platform_device_count=2", "KERAS_BACKEND": "jax"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "head split by class over 2 devices" in result.stdout
+    loaded = tf.saved_model.load(str(job_dir / "model"))
+    encoded, _ = _validation_images(data)
+    served = loaded.signatures["serving_default"](image_bytes=tf.constant(encoded[:2]))["embeddings"].numpy()
+    np.testing.assert_allclose(np.linalg.norm(served, axis=1), 1.0, rtol=1e-5)
+
+
+def test_a_class_count_that_does_not_split_evenly_is_refused(data, tmp_path):
+    from tests.conftest import run_trainer
+
+    result = run_trainer(_flags(data, tmp_path / "job", backend="jax", classifier_parallelism="model", num_classes=3),
+                         env={"XLA_FLAGS": "--xla_force_host_platform_device_count=2", "KERAS_BACKEND": "jax"})
+    assert_user_error(result, "--num_classes=3 must be a multiple of the 2 devices")
