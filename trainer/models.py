@@ -289,7 +289,12 @@ class LossMean(keras.metrics.Mean):
         self.loss = loss
 
     def update_state(self, y_true, y_pred, sample_weight=None):
-        return super().update_state(self.loss(y_true, y_pred, sample_weight=sample_weight))
+        # Under a TensorFlow strategy a Loss divides its value by the replicas (each replica's share of the
+        # sum); Keras's own loss metric multiplies it back, and so does this one.
+        from keras.src.losses.loss import unscale_loss_for_distribution
+
+        value = unscale_loss_for_distribution(self.loss(y_true, y_pred, sample_weight=sample_weight))
+        return super().update_state(value)
 
 
 def add_weight_decay(model, weight_decay):
