@@ -3,11 +3,11 @@
 Runs `python -m trainer.task` with the sample's flag file, one step, one
 evaluation and the export, and timestamps each line it prints from process
 start: imports (until "scanning"), the data scan, the model build and first
-step, the first evaluation, the export, and the whole process, with the
-trainer's CPU seconds (user + sys), which a busy machine inflates less than
-the wall-clock figures. The first run
-scans the data into a fresh --scan_cache_dir, as a study's first trial does;
-the later runs read it, as the other trials do.
+step, the first evaluation, the export and run report, and the whole process;
+then the trainer's CPU seconds (user + sys), which a busy machine inflates
+less than the wall-clock figures. The first run scans the data into a fresh
+--scan_cache_dir, as a study's first trial does; the later runs read it, as
+the other trials do.
 
     python -m trainer.sample_data data/digits
     python bench/trial_startup.py --runs 4
@@ -22,7 +22,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MARKS = (("imports", "scanning "), ("data scan", " training images, "), ("build and first step", "step "),
-         ("first evaluation", "eval at step"), ("export", "top_1_accuracy="))
+         ("first evaluation", "eval at step"), ("export and run report", "top_1_accuracy="))
 
 
 def timed_run(flagfile, job_dir, cache_dir):

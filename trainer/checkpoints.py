@@ -48,7 +48,7 @@ class Checkpoints:
         self.fingerprint = {name: _jsonable(getattr(config, name)) for name in schema.fingerprint_fields()}
         self.max_to_keep = config.max_to_keep
         self.committed_step = None  # the step of the last commit read or written, for error messages
-        self._best_unwritten = None  # best-STEP's name when the next save() writes its weights (save_best)
+        self._best_unwritten = None  # (step, best-STEP's name) when save() of that step writes its weights
 
     def load_state(self):
         """The committed state ({} when none), refused if it belongs to a different run.
@@ -133,7 +133,7 @@ class Checkpoints:
         if getattr(models.inner_optimizer(model.optimizer), "use_ema", False):
             self._save_weights(model, name)
         else:
-            self._best_unwritten = name
+            self._best_unwritten = (step, name)
         return name
 
     def save(self, model, step, state):
@@ -142,8 +142,8 @@ class Checkpoints:
         weights = f"ckpt-{step}.weights.h5"
         commit = {**state, "run": self.fingerprint, "step": step, "weights": weights}
         self._save_weights(model, weights, commit)  # the optimizer state too: the model is compiled
-        if self._best_unwritten and state.get("best_weights") == self._best_unwritten:
-            self._second_name(weights, self._best_unwritten)
+        if self._best_unwritten == (step, state.get("best_weights")):
+            self._second_name(weights, state["best_weights"])
         self._best_unwritten = None
         try:
             files.write_json(os.path.join(self.folder, STATE), commit)
@@ -194,8 +194,8 @@ class Checkpoints:
                 shutil.rmtree(tmp_dir, ignore_errors=True)
 
     def _second_name(self, name, other):
-        """The weights file name, just written, also as other: a hard link (a copy where links are not
-        possible, and on gs://), in place when complete. A full disk is a UserError."""
+        """Gives the weights file `name`, just written, the second name `other`: a hard link (a copy on
+        gs:// or where links fail), put in place whole. A full disk is a UserError."""
         source, target = os.path.join(self.folder, name), os.path.join(self.folder, other)
         tmp = f"{target[:-len('.weights.h5')]}.tmp-{os.getpid()}.weights.h5"
         try:

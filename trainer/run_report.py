@@ -27,7 +27,6 @@ import json
 import math
 import os
 import textwrap
-import threading
 
 import numpy as np
 
@@ -37,24 +36,6 @@ WORST_IMAGES = 16
 NAMED_CLASSES = 50  # up to this many, the confusion matrix and the AP chart name every class
 _CELL_VALUES = 20  # up to this many classes, confusion matrix cells show their rate
 _CONFUSED_PAIRS = 10
-
-
-_warming_up = None  # the thread prepare() started
-
-
-def prepare():
-    """Starts importing matplotlib and drawing a first figure (its fonts) in a background thread, about
-    0.5 s of CPU that the moments a run waits for TensorFlow's C++ absorb; write() waits for it."""
-    global _warming_up
-    if _warming_up is None:
-        _warming_up = threading.Thread(target=_warm_up, name="run-report-warm-up", daemon=True)
-        _warming_up.start()
-
-
-def _warm_up():
-    figure = _figure(1, 1)
-    figure.add_subplot().set_title("warm-up")
-    _png(figure)
 
 
 def write(report_dir, *, config, evaluations, training_log, best, metric, task_name, class_names, validation=None):
@@ -68,8 +49,6 @@ def write(report_dir, *, config, evaluations, training_log, best, metric, task_n
     sequence; only the worst few are read; None for no grid), targets [N, C]
     one-hot or multi-hot, probabilities [N, C]) of the best evaluation.
     """
-    if _warming_up is not None:
-        _warming_up.join()  # matplotlib is not thread-safe
     from matplotlib import rc_context
 
     class_names = [str(name) for name in class_names]

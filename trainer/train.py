@@ -310,8 +310,6 @@ class Reporter(keras.callbacks.Callback):
             self.model.jax_state_sync()
         loss = float(logs["loss"])  # the mean since the last line; float() waits for the step: only when due
         self._check_finite(loss)
-        if (last or out_of_time) and self.out.is_chief:
-            run_report.prepare()  # matplotlib loads beside the last evaluation and the export
         if due_line:
             self._progress(loss, float(logs.get("data_loss", loss)))
         if signalled and not due_evaluation:
