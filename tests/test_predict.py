@@ -277,7 +277,7 @@ def test_multi_label_records_list_the_predicted_classes_most_probable_first():
 
 
 @pytest.mark.parametrize("args, fragment", [
-    (["--output_format=csv"], "--output_format must be one of text, jsonl (got 'csv')"),
+    (["--output_format=csv"], "--output_format must be one of text, jsonl, npy (got 'csv')"),
     (["--num_workers=2", "--worker_index=2"], "--worker_index=2 must lie in [0, 2)"),
     (["--num_workers=2"], "--num_workers > 1 needs --worker_index"),
     (["--batch_size=0"], "--batch_size=0 must be at least 1"),
@@ -368,8 +368,9 @@ def test_an_image_the_model_cannot_decode_fails_alone_in_its_batch():
 
 
 def test_serving_reads_only_the_export_never_the_training_code():
-    """No import of trainer.images, models, data, tasks, train or config: only the shared plumbing and itself."""
-    allowed = ("trainer.cli.", "trainer.files.", "trainer.cluster.", "trainer.serving.")
+    """No import of trainer.images, models, data, tasks, train or config: only the shared plumbing, the
+    NumPy-only nearest-neighbour search that evaluation also uses, and itself."""
+    allowed = ("trainer.cli.", "trainer.files.", "trainer.cluster.", "trainer.retrieval.", "trainer.serving.")
     for path in pathlib.Path(ROOT, "trainer", "serving").glob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Import):
