@@ -24,6 +24,7 @@ BATCH = 8  # the global batch
 def batches(path, num_classes, count, start_step=0, **options):
     """The first `count` training batches from start_step on, as numpy tuples (one process unless
     options name a worker)."""
+    tf.random.set_seed(1)  # the trainer sets it (its --seed) before building the data: the shuffle depends on it
     source = sources.open_source(path, "training_data_path")
     scan = data.scan(source, num_classes, FMT, 0.0)
     ds = data.training_dataset(source, scan, FMT, CLASSIFICATION.target, BATCH, 16, num_classes, 5, 0.3, True,
@@ -115,11 +116,13 @@ def test_mixing_pairs_images_within_each_workers_share_and_resumes_exactly(one_p
 SAVE_SHARE = """
 import sys
 import numpy as np
+import tensorflow as tf
 from trainer import data, sources
 from trainer.cluster import cluster_from_env
 from trainer.tasks import CLASSIFICATION
 path, start_step, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 cluster = cluster_from_env()
+tf.random.set_seed(1)
 source = sources.open_source(path, "training_data_path")
 scan = data.scan(source, 2, sources.RecordFormat(), 0.0)
 ds = data.training_dataset(source, scan, sources.RecordFormat(), CLASSIFICATION.target, 8, 16, 2, 5, 0.3, True,

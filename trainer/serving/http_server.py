@@ -13,6 +13,7 @@ is one log line, never a traceback.
 """
 
 import http
+import contextlib
 import http.server
 import json
 import os
@@ -89,6 +90,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
             raise BadRequest(f"{self.command} {self.path} is not supported", 404 if verb else 405)
 
     def _handle(self, work):
+        with self.server.log.in_flight():
+            self._answer(work)
+
+    def _answer(self, work):
         started, self.images = time.perf_counter(), 0
         route = self.path.split("?")[0]
         try:
@@ -194,11 +199,25 @@ class Handler(http.server.BaseHTTPRequestHandler):
 class RequestLog:
     """One line per request (method, route, status, images, milliseconds) and the totals at shutdown."""
 
+    SHUTDOWN_WAIT_S = 5.0  # how long shutdown() waits for requests in flight to finish their line
+
     def __init__(self):
-        self._lock, self.requests, self.images = threading.Lock(), 0, 0
+        self._done, self.requests, self.images, self._in_flight = threading.Condition(), 0, 0, 0
+
+    @contextlib.contextmanager
+    def in_flight(self):
+        """Around a request's handling: shutdown() counts it once its answer is sent and its line written."""
+        with self._done:
+            self._in_flight += 1
+        try:
+            yield
+        finally:
+            with self._done:
+                self._in_flight -= 1
+                self._done.notify_all()
 
     def request(self, method, route, status, images, milliseconds):
-        with self._lock:
+        with self._done:
             self.requests, self.images = self.requests + 1, self.images + images
         cli.say(f"{method} {route} {status} {images} image{'' if images == 1 else 's'} {milliseconds:.1f} ms")
 
@@ -207,7 +226,11 @@ class RequestLog:
         cli.say(text)
 
     def shutdown(self):
-        cli.say(f"stopped after {self.requests} requests ({self.images} images)")
+        """The totals, once the requests in flight are done (a client may have its answer before the
+        handler has counted it)."""
+        with self._done:
+            self._done.wait_for(lambda: self._in_flight == 0, timeout=self.SHUTDOWN_WAIT_S)
+            cli.say(f"stopped after {self.requests} requests ({self.images} images)")
 
 
 class Server(http.server.ThreadingHTTPServer):
