@@ -145,5 +145,5 @@ def test_a_stalled_export_leaves_the_threads_stacks_beside_it(tmp_path, monkeypa
     monkeypatch.setattr(export, "STALL_SECONDS", 0.01)  # any export is "stalled" after 10 ms
     export.export_saved_model(weights, "resnet-18", "classification", 3, 16, ["a", "b", "c"], str(tmp_path / "slow" / "model"))
     stacks = (tmp_path / "slow" / "export-stall-stacks.txt").read_text()
-    assert "most recent call first" in stacks and "export.py" in stacks
+    assert "(most recent call last)" in stacks and "export.py" in stacks
     assert f"the threads' stacks at that moment are in {tmp_path / 'slow' / 'export-stall-stacks.txt'}" in capsys.readouterr().out

@@ -20,13 +20,14 @@ a child process (`python -m trainer.export SPEC.json`).
 """
 
 import contextlib
-import faulthandler
 import functools
 import json
 import os
 import subprocess
 import sys
 import tempfile
+import threading
+import traceback
 
 from trainer import files
 from trainer.tasks import TASKS
@@ -58,24 +59,36 @@ STALL_SECONDS = 60  # an export takes seconds; one past this has stalled, and sa
 @contextlib.contextmanager
 def stacks_if_slow(export_dir):
     """Writes every thread's stack beside a local export_dir if the export is still running after
-    STALL_SECONDS (once, an export took 41 s with the CPU idle and no way to tell why)."""
+    STALL_SECONDS (once, an export took 41 s with the CPU idle and no way to tell why).
+
+    A timer thread takes the stacks with the interpreter lock held (sys._current_frames), so it is safe
+    while other threads start and end; faulthandler's watchdog reads them without the lock, and crashed
+    a test process doing so.
+    """
     if files.is_remote(export_dir):
         yield
         return
     path = os.path.join(os.path.dirname(os.path.abspath(export_dir)), "export-stall-stacks.txt")
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w") as f:
-        faulthandler.dump_traceback_later(STALL_SECONDS, file=f)
-        try:
-            yield
-        finally:
-            faulthandler.cancel_dump_traceback_later()
-    if os.path.getsize(path):
+    timer = threading.Timer(STALL_SECONDS, _write_stacks, [path])
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
+        timer.join()  # a dump in progress finishes before the export returns
+    if os.path.exists(path):
         from trainer import cli
 
         cli.say(f"the export took more than {STALL_SECONDS} s; the threads' stacks at that moment are in {path}")
-    else:
-        os.remove(path)
+
+
+def _write_stacks(path):
+    names = {thread.ident: thread.name for thread in threading.enumerate()}
+    text = "".join(f"Thread {names.get(ident, ident)} (most recent call last):\n" + "".join(traceback.format_stack(frame))
+                   + "\n" for ident, frame in sys._current_frames().items())
+    files.write_atomic(path, text)
 
 
 def _export(*, weights_path, model_type, task, num_classes, image_size, class_names, export_dir, evaluation,
