@@ -217,3 +217,19 @@ def test_flags_are_checked_as_the_trainer_checks_them(capsys):
     assert_user_error(result, "--num_classes must be at least 2")
     result = run_main(check_data.main, ["--training_data_path=x", "--num_classes=2", "--task=detection"], capsys)
     assert_user_error(result, "--task must be one of")
+
+
+def test_metric_learning_validation_ids_of_unseen_classes_are_data(tmp_path, capsys):
+    """For --task=metric_learning the check accepts what the trainer accepts: validation ids outside the
+    training classes (an open set); the training labels are still checked."""
+    rng = np.random.default_rng(4)
+    for name, labels in (("train.txt", (0, 1)), ("val.txt", (0, 7))):
+        lines = []
+        for label in labels:
+            for i in range(3):
+                path = tmp_path / f"{name[:-4]}_{label}_{i}.png"
+                path.write_bytes(encode(tiny_image(label, rng), "PNG"))
+                lines.append(f"{path.name} {label}\n")
+        (tmp_path / name).write_text("".join(lines))
+    assert run_main(check_data.main, _args(tmp_path, task="metric_learning"), capsys).returncode == 0
+    assert_user_error(run_main(check_data.main, _args(tmp_path), capsys), "label 7", "outside [0, 2)")

@@ -56,6 +56,10 @@ def test_a_tiny_run_retrieves_unseen_classes_above_chance(trained):
     assert best["recall_at_1"] == max(e["recall_at_1"] for e in metrics["evaluations"])  # the default tuned metric
     assert best["recall_at_1"] > 2 * _chance_recall_at_1(4, SEEN_AND_UNSEEN)
     assert result.stdout.strip().splitlines()[-1] == f"recall_at_1={best['recall_at_1']:.4f}"
+    report = os.listdir(os.path.join(job_dir, "report"))
+    assert {"report.html", "curves.png"} <= set(report)
+    page = open(os.path.join(job_dir, "report", "report.html")).read()
+    assert "Nearest neighbours" in page and all(name in page for name in report if name.endswith(".png"))
 
 
 def _validation_images(data):

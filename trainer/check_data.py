@@ -129,11 +129,12 @@ def check(training_data_path, validation_data_path, num_classes, task, *, image_
     train_source = open_source(training_data_path, "training_data_path", fmt, tfds_data_dir)
     eval_source = (open_source(validation_data_path, "validation_data_path", fmt, tfds_data_dir)
                    if validation_data_path else None)
-    names = class_names(train_source, eval_source or train_source, num_classes, label_map_path)
+    open_set = TASKS[task].open_set  # metric learning: validation ids of classes unseen in training are data
+    names = class_names(train_source, eval_source or train_source, num_classes, label_map_path, open_set)
     train = read_records(training_data_path, train_source, num_classes, fmt)
     sets = {"training": train}
     if eval_source is not None:
-        sets["validation"] = read_records(validation_data_path, eval_source, num_classes, fmt)
+        sets["validation"] = read_records(validation_data_path, eval_source, None if open_set else num_classes, fmt)
     report = {
         "settings": {"num_classes": num_classes, "task": task, "image_key": image_key, "label_key": label_key,
                      "label_offset": label_offset, "label_map_path": label_map_path,
