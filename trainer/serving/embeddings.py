@@ -31,23 +31,7 @@ def is_embedding_model(model):
     return "embeddings" in model.serve_bytes.structured_outputs
 
 
-class Lines:
-    """Writes each batch's lines at once (the default: every line holds its whole record)."""
-
-    def __init__(self, out, output_format, float_precision):
-        self.out, self.output_format, self.float_precision = out, output_format, float_precision
-
-    def add(self, location, record):
-        self.out.write(output_file.format_line(location, record, self.output_format, self.float_precision))
-
-    def end_batch(self):
-        self.out.flush()
-
-    def close(self):
-        self.out.flush()
-
-
-class Shards(Lines):
+class Shards(output_file.Lines):
     """--output_format=npy: embeddings into .npy shards of shard_size lines, each line naming its row."""
 
     def __init__(self, out, path, shard_size, lines_done):

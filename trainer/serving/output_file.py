@@ -36,6 +36,22 @@ def format_line(location, record, output_format, float_precision=None):
     return f"{location}, {json.dumps(record)}\n"
 
 
+class Lines:
+    """Writes each batch's lines at once (the default: every line holds its whole record)."""
+
+    def __init__(self, out, output_format, float_precision):
+        self.out, self.output_format, self.float_precision = out, output_format, float_precision
+
+    def add(self, location, record):
+        self.out.write(format_line(location, record, self.output_format, self.float_precision))
+
+    def end_batch(self):
+        self.out.flush()
+
+    def close(self):
+        self.out.flush()
+
+
 def _rounded(value, digits):
     """value with each float cut to `digits` significant digits; JSON then writes the shortest form of each."""
     if isinstance(value, float):

@@ -177,10 +177,10 @@ def predict_into(out, model, locations, paths, output_format, batch_size, read_t
     """Appends one line per location to the open file `out`, flushing per batch; returns the failures.
 
     progress: a Progress told the lines written after each batch. sink: what writes the lines
-    (embeddings.Lines by default; embeddings.Shards for --output_format=npy). gallery: (locations,
+    (output_file.Lines by default; embeddings.Shards for --output_format=npy). gallery: (locations,
     embeddings) of an embedding model's gallery: each record becomes the top_k nearest gallery images.
     """
-    sink = sink or embeddings.Lines(out, output_format, float_precision)
+    sink = sink or output_file.Lines(out, output_format, float_precision)
     errors = {}  # path -> why it has no prediction, where the reading steps know better than "cannot decode"
     batches = encoded_batches(paths, batch_size, read_threads, _fetcher(url_timeout_s, errors),
                               _pixel_check(max_image_pixels, errors))
