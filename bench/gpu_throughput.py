@@ -51,7 +51,12 @@ def parse_args(argv=None):
     p.add_argument("--steps_per_execution", type=int, default=1)
     p.add_argument("--bn_moments", default="auto", choices=("auto", "keras", "one_pass"),
                    help="keras: Keras' two-pass variance; auto: what build_model does by default")
-    p.add_argument("--input", default="device", choices=("device", "host"))
+    p.add_argument("--input", default="device", choices=("device", "host", "sharded"),
+                   help="sharded: as device, but the batch already split over the devices the way the "
+                        "distribution splits it (no per-step resharding)")
+    p.add_argument("--placement", default="trainer", choices=("trainer", "keras"),
+                   help="--input host over several devices: trainer: batches placed on the devices two steps ahead "
+                        "(distribute.placed_ahead, as the trainer feeds fit); keras: fit places each when its step asks")
     p.add_argument("--inference", action="store_true", help="also time the forward pass (training=False)")
     p.add_argument("--profile", default="", help="folder for a JAX profiler trace of 3 steps")
     p.add_argument("--peak_tflops", type=float, default=790.0, help="bf16 dense peak used as the ceiling (H100: ~790 measured)")
@@ -154,19 +159,28 @@ def measure(a):
     import jax
 
     model = build(a.model_type, a.image_size, a.precision, a.steps_per_execution, bn_moments=a.bn_moments)
-    batch = synthetic_batch(a.batch_size, a.image_size, on_device=a.input == "device")
+    batch = synthetic_batch(a.batch_size, a.image_size, on_device=a.input != "host")
+    if a.input == "sharded" and keras.distribution.distribution() is not None:
+        distribution = keras.distribution.distribution()
+        batch = tuple(keras.distribution.distribute_tensor(t, distribution.get_data_layout(t.shape)) for t in batch)
     spe = a.steps_per_execution
     per_epoch = max(spe, a.warmup_steps // spe * spe)
     epochs = 1 + max(1, a.steps // per_epoch)
     timer = EpochTimer()
+    batches = repeat(batch)
+    if a.input == "host" and a.placement == "trainer" and keras.distribution.distribution() is not None:
+        from trainer import distribute
+
+        batches = distribute.placed_ahead(batches, keras.distribution.distribution())
     compile_start = time.perf_counter()
-    model.fit(repeat(batch), steps_per_epoch=per_epoch, epochs=epochs, verbose=0, callbacks=[timer])
+    model.fit(batches, steps_per_epoch=per_epoch, epochs=epochs, verbose=0, callbacks=[timer])
     first_epoch = timer.ends[0] - compile_start
     timed = sum(e - s for s, e in zip(timer.starts[1:], timer.ends[1:]))
     steps = per_epoch * (epochs - 1)
     result = {
         "model_type": a.model_type, "batch_size": a.batch_size, "devices": a.devices, "precision": a.precision,
-        "input": a.input, "steps_per_execution": spe, "bn_moments": a.bn_moments, "device": jax.devices()[0].device_kind,
+        "input": a.input, "placement": a.placement,
+        "steps_per_execution": spe, "bn_moments": a.bn_moments, "device": jax.devices()[0].device_kind,
         "img_per_s": a.batch_size * steps / timed, "step_ms": 1e3 * timed / steps,
         "first_epoch_s": first_epoch, "peak_mem_gib": peak_memory_gib(), "last_loss": float(timer.loss),
     }
@@ -178,7 +192,7 @@ def measure(a):
     except Exception as e:  # noqa: BLE001 - a bench reports what it could measure
         print("flop count failed:", repr(e)[:300])
     if a.inference:
-        device_batch = batch[0] if a.input == "device" else jax.device_put(batch[0])
+        device_batch = batch[0] if a.input != "host" else jax.device_put(batch[0])
         result["inference_img_per_s"] = inference_images_per_second(model, device_batch)
     if a.profile:
         try:

@@ -139,3 +139,60 @@ def test_tensorflow_mirrored_strategy_over_two_devices_trains_resumes_and_export
     served = tf.saved_model.load(str(job / "model")).signatures["serving_images"]
     probabilities = served(images=tf.zeros([3, 20, 20, 3], tf.uint8))["probabilities"].numpy()
     assert probabilities.shape == (3, 2) and abs(probabilities.sum(axis=1) - 1).max() < 1e-4
+
+
+PLACED_AHEAD = """
+import json
+import keras
+import numpy as np
+import tensorflow as tf
+from trainer import distribute
+
+keras.distribution.set_distribution(keras.distribution.DataParallel(devices=keras.distribution.list_devices()))
+rng = np.random.default_rng(0)
+images = rng.normal(size=(48, 6)).astype("float32")
+labels = np.eye(3, dtype="float32")[rng.integers(0, 3, 48)]
+dataset = tf.data.Dataset.from_tensor_slices((images, labels)).batch(8).repeat()
+
+
+def trained(training_input):
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(4, activation="relu"), keras.layers.Dense(3)])
+    model.compile(keras.optimizers.SGD(0.1, momentum=0.9), keras.losses.CategoricalCrossentropy(from_logits=True))
+    model.fit(training_input, steps_per_epoch=12, verbose=0)
+    return [w.tolist() for w in model.get_weights()]
+
+
+read = []
+def counted(batches):
+    for batch in batches:
+        read.append(1)
+        yield batch
+
+
+placed = distribute.placed_ahead(counted(dataset.take(5).as_numpy_iterator()), keras.distribution.distribution())
+first = next(placed)
+print(json.dumps({
+    "read_before_the_first": len(read),
+    "first_on": sorted(str(s.device) for s in first[0].addressable_shards),
+    "first_equal": bool(np.array_equal(np.asarray(first[0]), images[:8])),
+    "yielded": 1 + len(list(placed)),
+    "keras": trained(dataset),
+    "ahead": trained(distribute.training_input(dataset, 8)),
+}))
+"""
+
+
+def test_batches_placed_ahead_on_two_devices_train_as_fit_places_them(tmp_path):
+    # On JAX over several devices the trainer hands fit its batches already split over the devices,
+    # two steps ahead (distribute.placed_ahead): the same batches, in order, so the same weights.
+    pytest.importorskip("jax")
+    env = dict(os.environ, PYTHONPATH=ROOT, KERAS_BACKEND="jax", XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    result = subprocess.run([sys.executable, "-c", PLACED_AHEAD], env=env, cwd=ROOT, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    found = json.loads(result.stdout.splitlines()[-1])
+    assert found["read_before_the_first"] == 3  # the first and the two after it are on their way
+    assert found["first_on"] == ["cpu:0", "cpu:1"] and found["first_equal"]
+    assert found["yielded"] == 5
+    assert found["ahead"] == found["keras"]

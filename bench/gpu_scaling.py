@@ -1,0 +1,73 @@
+"""Data-parallel scaling of the trainer's step on every GPU of one host, by where the batch comes from.
+
+Runs bench/gpu_throughput.py (ResNet-50 by default, batch 256 per GPU, bf16,
+JAX) once on one GPU and once on all of them for each input path, in one
+call, and records one table (bench/results/gpu-scaling.json):
+
+  host, trainer  the batch in host memory, placed on the devices two steps
+                 ahead (distribute.placed_ahead), as the trainer feeds fit
+  host, keras    the same batch, placed by fit when its step asks for it
+  device         the batch generated on the GPUs once: no copy at all
+
+Scaling efficiency = img/s on N GPUs / (N x img/s on one GPU fed the same way).
+
+    KERAS_BACKEND=jax python bench/gpu_scaling.py [--model_type resnet-50] [--steps 30]
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+
+from bench import results  # noqa: E402  (found through the path above)
+PATHS = (("host", "trainer"), ("host", "keras"), ("device", "trainer"))
+
+
+def run(devices, input_path, placement, args, log):
+    """One gpu_throughput run on the first `devices` GPUs; its JSON result."""
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES=",".join(str(i) for i in range(devices)))
+    command = [sys.executable, os.path.join(HERE, "gpu_throughput.py"), "--model_type", args.model_type,
+               "--steps", str(args.steps), "--input", input_path, "--placement", placement, "--data_parallel",
+               "--json", log]
+    finished = subprocess.run(command, env=env, capture_output=True, text=True)
+    if finished.returncode:
+        sys.exit(f"{' '.join(command)} failed:\n{finished.stderr[-3000:]}")
+    with open(log) as f:
+        return json.loads(f.readlines()[-1])
+
+
+def gpu_count():
+    listed = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True)
+    return len([line for line in listed.stdout.splitlines() if line.strip()])
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model_type", default="resnet-50")
+    parser.add_argument("--steps", type=int, default=30)
+    args = parser.parse_args()
+    gpus = gpu_count()
+    if gpus < 2:
+        sys.exit("error: this host has fewer than 2 GPUs; scaling needs several")
+    rows = []
+    with tempfile.TemporaryDirectory() as scratch:
+        log = os.path.join(scratch, "runs.jsonl")
+        for input_path, placement in PATHS:
+            one = run(1, input_path, placement, args, log)
+            many = run(gpus, input_path, placement, args, log)
+            label = f"{input_path}, {placement}" if input_path == "host" else input_path
+            rows.append([args.model_type, label, round(one["img_per_s"]), round(one["step_ms"], 1), gpus,
+                         round(many["img_per_s"]), round(many["step_ms"], 1),
+                         f"{100 * many['img_per_s'] / (gpus * one['img_per_s']):.1f}%"])
+            print(rows[-1], flush=True)
+    results.record(f"gpu-scaling-{args.model_type}", [
+        "model", "input", "1 GPU img/s", "step ms", "GPUs", "img/s", "step ms", "scaling efficiency"], rows)
+
+
+if __name__ == "__main__":
+    main()
