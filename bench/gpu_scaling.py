@@ -10,8 +10,11 @@ call, and records one table (bench/results/gpu-scaling.json):
   device         the batch generated on the GPUs once: no copy at all
 
 Scaling efficiency = img/s on N GPUs / (N x img/s on one GPU fed the same way).
+--anchor: only the trainer's own path, against timm + torch.compile under
+PyTorch DDP on 1 and N GPUs (bench/timm_ddp_anchor.py, images on the GPU),
+in a second table (bench/results/gpu-scaling-anchor-MODEL.json).
 
-    KERAS_BACKEND=jax python bench/gpu_scaling.py [--model_type resnet-50] [--steps 30]
+    KERAS_BACKEND=jax python bench/gpu_scaling.py [--model_type resnet-50] [--steps 30] [--anchor]
 """
 
 import argparse
@@ -26,6 +29,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 
 from bench import results  # noqa: E402  (found through the path above)
 PATHS = (("host", "trainer"), ("host", "keras"), ("device", "trainer"))
+TIMM_NAMES = {"resnet-50": "resnet50", "efficientnet-b0": "efficientnet_b0"}
 
 
 def run(devices, input_path, placement, args, log):
@@ -41,6 +45,18 @@ def run(devices, input_path, placement, args, log):
         return json.loads(f.readlines()[-1])
 
 
+def timm_ddp(devices, model_type):
+    """img/s of timm + torch.compile under DDP on the first `devices` GPUs (all of them together)."""
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES=",".join(str(i) for i in range(devices)))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={devices}",
+               os.path.join(HERE, "timm_ddp_anchor.py"), TIMM_NAMES[model_type]]
+    finished = subprocess.run(command, env=env, capture_output=True, text=True)
+    lines = [line for line in finished.stdout.splitlines() if line.startswith("ANCHOR ")]
+    if finished.returncode or not lines:
+        sys.exit(f"{' '.join(command)} failed:\n{finished.stderr[-3000:]}")
+    return float(lines[-1].split()[-1])
+
+
 def gpu_count():
     listed = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True)
     return len([line for line in listed.stdout.splitlines() if line.strip()])
@@ -50,10 +66,13 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model_type", default="resnet-50")
     parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--anchor", action="store_true", help="the trainer's path against timm DDP instead")
     args = parser.parse_args()
     gpus = gpu_count()
     if gpus < 2:
         sys.exit("error: this host has fewer than 2 GPUs; scaling needs several")
+    if args.anchor:
+        return anchor(args, gpus)
     rows = []
     with tempfile.TemporaryDirectory() as scratch:
         log = os.path.join(scratch, "runs.jsonl")
@@ -67,6 +86,23 @@ def main():
             print(rows[-1], flush=True)
     results.record(f"gpu-scaling-{args.model_type}", [
         "model", "input", "1 GPU img/s", "step ms", "GPUs", "img/s", "step ms", "scaling efficiency"], rows)
+
+
+def anchor(args, gpus):
+    with tempfile.TemporaryDirectory() as scratch:
+        log = os.path.join(scratch, "runs.jsonl")
+        ours = [run(n, "host", "trainer", args, log)["img_per_s"] for n in (1, gpus)]
+    print("ours", ours, flush=True)
+    timm = []
+    for n in (1, gpus):
+        timm.append(timm_ddp(n, args.model_type))
+        print("timm", n, timm[-1], flush=True)
+    rows = [[args.model_type, n, round(o), round(t), f"{o / t:.2f}",
+             f"{100 * o / (n * ours[0]):.1f}%", f"{100 * t / (n * timm[0]):.1f}%"]
+            for n, o, t in zip((1, gpus), ours, timm)]
+    results.record(f"gpu-scaling-anchor-{args.model_type}", [
+        "model", "GPUs", "ours img/s (host input)", "timm DDP + torch.compile img/s (on the GPU)", "ours / timm",
+        "our scaling efficiency", "timm's"], rows)
 
 
 if __name__ == "__main__":
