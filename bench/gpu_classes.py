@@ -29,6 +29,9 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+
+from bench import results  # noqa: E402  (found through the path above)
+
 OUT_OF_MEMORY = 3
 LABEL_LIMIT = 1 << 24  # config.LARGEST_LABEL_ID: the trainer refuses more classes (float32 label ids)
 
@@ -109,16 +112,14 @@ def search(a):
         good, bad = largest(a, devices)
         _, rate = run_attempt(a, a.rate_classes, devices, timed=True)
         rows.append((devices, good, bad, rate))
-    print(f"\n{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {a.model_type} {a.image_size}px, embedding "
-          f"{a.embedding_size}, batch {a.batch_size} per device, {a.precision}, {a.metric_loss}; "
-          f"python bench/gpu_classes.py --search --devices {a.devices_list}")
-    print("\n| devices | largest class count that trained | smallest that did not | "
-          f"img/s at {a.rate_classes:,} classes | peak GiB there |")
-    print("|---|---|---|---|---|")
+    header = ["devices", "largest class count that trained", "smallest that did not",
+              f"img/s at {a.rate_classes:,} classes", "peak GiB there"]
+    table = []
     for devices, good, bad, rate in rows:
         failed = f"{bad:,}" if bad else f"none up to {LABEL_LIMIT:,} (the trainer's label limit)"
-        print(f"| {devices} | {good:,} | {failed} | {rate['img_per_s']:,.0f} | {rate['peak_mem_gib']:.1f} |"
-              if rate else f"| {devices} | {good:,} | {failed} | failed | |")
+        table.append([devices, good, failed, round(rate["img_per_s"]) if rate else "failed",
+                      round(rate["peak_mem_gib"], 1) if rate else None])
+    results.record(f"gpu-classes-{a.model_type}-{a.metric_loss}", header, table)
 
 
 def main():

@@ -18,6 +18,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench import results  # found through the path above
+
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -41,10 +43,12 @@ def main(argv=None):
     gpu = held_out["probabilities"]
     labels = held_out["labels"]
     agree = np.mean(np.argmax(cpu, -1) == np.argmax(gpu, -1))
-    print("| held-out images | GPU accuracy (JAX, bf16) | exported on CPU TF (float32) accuracy | same top-1 "
-          "| max abs prob diff | mean abs prob diff |")
-    print(f"| {len(labels)} | {np.mean(np.argmax(gpu, -1) == labels):.4f} | {np.mean(np.argmax(cpu, -1) == labels):.4f} "
-          f"| {agree:.4f} | {np.max(np.abs(cpu - gpu)):.4f} | {np.mean(np.abs(cpu - gpu)):.5f} |")
+    results.record(f"gpu-export-check-{a.model_type}", [
+        "held-out images", "GPU top-1 (JAX, bf16)", "exported SavedModel on CPU TF (float32) top-1", "same top-1 class",
+        "max abs probability difference", "mean"], [[
+            len(labels), round(float(np.mean(np.argmax(gpu, -1) == labels)), 4),
+            round(float(np.mean(np.argmax(cpu, -1) == labels)), 4), round(float(agree), 4),
+            round(float(np.max(np.abs(cpu - gpu))), 4), round(float(np.mean(np.abs(cpu - gpu))), 5)]])
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import keras
 
+from bench import results
 from trainer import models
 from trainer.backbones import BACKBONES
 from trainer.tasks import CLASSIFICATION
@@ -307,6 +308,18 @@ def digits_check(a):
     return {"digits_loss": losses, "digits_accuracy": accuracy}
 
 
+def record_digits(a, result):
+    """The digits loss curve as a table: the mean loss of every third block of 10 steps, and the held-out top-1."""
+    import jax
+
+    shown = list(range(0, len(result["digits_loss"]), 3))
+    where = f"{jax.devices()[0].platform}-{a.devices}"
+    results.record(f"digits-curve-{a.model_type}-{where}",
+                   ["devices", "precision", *[f"steps {10 * i + 1}-{10 * i + 10}" for i in shown], "held-out top-1"],
+                   [[f"{a.devices} {jax.devices()[0].device_kind}", a.precision,
+                     *[result["digits_loss"][i] for i in shown], round(result["digits_accuracy"], 4)]])
+
+
 def main(argv=None):
     a = parse_args(argv)
     a.devices = 1
@@ -321,14 +334,15 @@ def main(argv=None):
         with open(a.json, "a") as f:
             f.write(json.dumps(result) + "\n")
     if a.digits:
-        return
-    print("| model | devices | batch | precision | input | spe | img/s | step ms | peak GiB | GFLOP/img | ceiling | infer img/s |")
-    print(f"| {result['model_type']} {result['bn_moments']} | {result['devices']} | {result['batch_size']} "
-          f"| {result['precision']} | {result['input']} "
-          f"| {result['steps_per_execution']} | {result['img_per_s']:.0f} | {result['step_ms']:.1f} "
-          f"| {result['peak_mem_gib']:.1f} | {result.get('train_gflop_per_img', float('nan')):.2f} "
-          f"| {100 * result.get('ceiling_share', float('nan')):.1f}% "
-          f"| {result.get('inference_img_per_s', float('nan')):.0f} |", flush=True)
+        return record_digits(a, result)
+    name = f"gpu-throughput-{result['model_type']}-{result['input']}-{result['devices']}gpu"
+    results.record(name, ["model", "GPUs", "batch", "precision", "input", "img/s", "step ms", "peak GiB",
+                          "train GFLOP/img", "share of ceiling", "inference img/s"], [[
+        result["model_type"], result["devices"], result["batch_size"], result["precision"], result["input"],
+        round(result["img_per_s"]), round(result["step_ms"], 1), round(result["peak_mem_gib"], 1),
+        round(result.get("train_gflop_per_img", 0), 2) or None,
+        f"{100 * result['ceiling_share']:.1f}%" if "ceiling_share" in result else None,
+        round(result["inference_img_per_s"]) if "inference_img_per_s" in result else None]])
 
 
 if __name__ == "__main__":
