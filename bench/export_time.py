@@ -1,22 +1,34 @@
-"""How long the SavedModel export takes, run after run, and with other programs' unwritten data pending.
+"""How long the SavedModel export takes, run after run: alone, after other programs' unwritten data, and in the trainer.
 
-Each run is a fresh process that exports the quick start's model (ResNet-18,
-10 classes, 32x32) from one weights file, as train.run does at its end, and
-times the call. With --dirty_mb, each run first writes that many megabytes
-to a scratch file without syncing them, as a `pip install` just before a
-first run leaves gigabytes for the kernel to write back: a stall there is
-the disk's, not the export's work (the CPU is idle meanwhile).
+Isolated runs: each is a fresh process that exports the quick start's model
+(ResNet-18, 10 classes, 32x32) from one weights file, as train.run does at
+its end, and times the call. With --dirty_mb, as many runs again, each after
+writing that many megabytes to a scratch file without syncing them, as a
+`pip install` just before a first run leaves gigabytes for the kernel to write
+back: a stall there is the disk's, not the export's work (the CPU is idle
+meanwhile). With --quickstarts, that many short quick starts (the sample's
+flags, 20 steps, one evaluation; a fresh job-dir each) whose export is timed
+inside the trainer, from the `exported in S s` line it prints.
 
-    python bench/export_time.py --runs 5 [--dirty_mb 2000] [--work /tmp/export-time]
+Records one table (bench/results/export-time.json): the median, the largest
+and every value of each kind of run.
+
+    python -m trainer.sample_data data/digits
+    python bench/export_time.py --runs 5 [--dirty_mb 3000] [--quickstarts 20] [--work /tmp/export-time]
 """
 
 import argparse
 import os
+import re
+import shutil
+import statistics
 import subprocess
 import sys
-import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from bench import results  # noqa: E402  (found through the path above)
+
 EXPORT = """
 import os, sys, time
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -34,14 +46,16 @@ cli.import_tensorflow_quietly()
 from trainer import models
 models.build_model("resnet-18", 10, 32, seed=0).save_weights(sys.argv[1])
 """
+QUICKSTART = ["--flagfile=sample_configs/digits.flags", "--max_steps=20", "--eval_frequency=20", "--warmup_steps=10"]
 
 
-def python(code, *args):
-    result = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=ROOT,
-                            env=dict(os.environ, PYTHONPATH=ROOT))
+def python(argv, env=None):
+    """Runs this interpreter with argv from the repository root; returns its stdout."""
+    result = subprocess.run([sys.executable, *argv], capture_output=True, text=True, cwd=ROOT,
+                            env=dict(os.environ, PYTHONPATH=ROOT, **(env or {})))
     if result.returncode:
-        sys.exit(result.stderr[-3000:])
-    return result.stdout.strip().splitlines()[-1] if result.stdout.strip() else ""
+        sys.exit(f"failed: python {' '.join(argv)}\n{result.stderr[-3000:]}")
+    return result.stdout
 
 
 def dirty(path, megabytes):
@@ -52,25 +66,51 @@ def dirty(path, megabytes):
             f.write(block)
 
 
+def isolated_export(weights, work, dirty_mb):
+    """Seconds of one export in a fresh process, after writing dirty_mb unsynced megabytes."""
+    if dirty_mb:
+        dirty(os.path.join(work, "dirty.bin"), dirty_mb)
+    seconds = float(python(["-c", EXPORT, weights, os.path.join(work, "model")]).split()[-1])
+    print(f"isolated export{f' after {dirty_mb} MB' if dirty_mb else ''}: {seconds:.2f} s", flush=True)
+    return seconds
+
+
+def quickstart_export(job_dir):
+    """Seconds of the export inside one short quick start, as the trainer itself reports them."""
+    shutil.rmtree(job_dir, ignore_errors=True)
+    out = python(["-m", "trainer.task", *QUICKSTART, f"--job-dir={job_dir}"],
+                 env={"CLOUD_ML_HP_METRIC_FILE": os.path.join(job_dir, "hypertune.metrics")})
+    seconds = float(re.search(r"^exported in ([\d.]+) s$", out, re.MULTILINE).group(1))
+    print(f"quick start export: {seconds:.1f} s", flush=True)
+    return seconds
+
+
+def summary(what, seconds):
+    return (what, len(seconds), round(statistics.median(seconds), 1), round(max(seconds), 1),
+            ", ".join(f"{s:.1f}" for s in seconds))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--runs", type=int, default=5, help="isolated exports (and as many again with --dirty_mb)")
     parser.add_argument("--dirty_mb", type=int, default=0)
+    parser.add_argument("--quickstarts", type=int, default=0, help="short quick starts, each timing its own export")
     parser.add_argument("--work", default="/tmp/export-time")
     args = parser.parse_args()
+    if args.quickstarts and not os.path.isdir(os.path.join(ROOT, "data", "digits")):
+        sys.exit("error: data/digits is missing: write it first with python -m trainer.sample_data data/digits")
     os.makedirs(args.work, exist_ok=True)
     weights = os.path.join(args.work, "resnet18.weights.h5")
-    python(WEIGHTS, weights)
-    print("| run | dirty MB written just before | export s | process s |")
-    print("|---|---|---|---|")
-    for run in range(args.runs):
-        if args.dirty_mb:
-            dirty(os.path.join(args.work, "dirty.bin"), args.dirty_mb)
-        started = time.perf_counter()
-        seconds = python(EXPORT, weights, os.path.join(args.work, "model"))
-        print(f"| {run + 1} | {args.dirty_mb} | {float(seconds):.2f} | {time.perf_counter() - started:.1f} |", flush=True)
+    python(["-c", WEIGHTS, weights])
+    rows = [summary("isolated export, fresh process", [isolated_export(weights, args.work, 0) for _ in range(args.runs)])]
     if args.dirty_mb:
+        rows.append(summary(f"isolated export, {args.dirty_mb:,} MB written unsynced just before",
+                            [isolated_export(weights, args.work, args.dirty_mb) for _ in range(args.runs)]))
         os.remove(os.path.join(args.work, "dirty.bin"))
+    if args.quickstarts:
+        rows.append(summary("inside a quick start (" + " ".join(QUICKSTART[1:]) + ")",
+                            [quickstart_export(os.path.join(args.work, f"quickstart-{i}")) for i in range(args.quickstarts)]))
+    results.record("export-time", ("export", "runs", "median s", "max s", "every run, s"), rows)
 
 
 if __name__ == "__main__":

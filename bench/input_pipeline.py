@@ -11,10 +11,15 @@ plus noise, quality 90) into a temporary folder, then measures images/s of
     Keras script would use (no random crop, so less work in principle);
 
 each on one core (tf.data's private thread pool of 1, intra-op parallelism 1)
-and on every core. Prints a Markdown table for docs/BENCHMARKS.md.
+and on every core; and beside them the img/s one GPU trains ResNet-50 at
+(the one-GPU row of bench/results/gpu-scaling-anchor-resnet-50.json, the
+trainer's step fed from the host) and how many cores of this kind decoding at
+the one-core rate keep up with it. Records the table as
+bench/results/input-pipeline.json.
 """
 
 import argparse
+import math
 import os
 import sys
 import tempfile
@@ -26,6 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np
 import tensorflow as tf
 
+from bench import results
 from trainer import data, sources
 from trainer.tasks import CLASSIFICATION
 
@@ -79,6 +85,16 @@ def plain(folder, image_size, batch_size):
     return ds.map(load, num_parallel_calls=tf.data.AUTOTUNE).batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
 
 
+GPU_RESULT = os.path.join("bench", "results", "gpu-scaling-anchor-resnet-50.json")
+
+
+def one_gpu_rate():
+    """(img/s, what measured it) of the last recorded one-GPU ResNet-50 run of the trainer's step."""
+    gpu = results.load(GPU_RESULT)
+    row = next(row for row in gpu["rows"] if row[1] == 1)
+    return row[2], f"ResNet-50 on {gpu['machine'].split(', ')[-1].split(' x ')[-1]}, {gpu['date'][:10]}"
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--num_images", type=int, default=512)
@@ -89,12 +105,14 @@ def main():
     cores = os.cpu_count()
     with tempfile.TemporaryDirectory() as folder:
         write_jpegs(folder, args.num_images)
-        print(f"| pipeline | img/s on 1 core | img/s on {cores} cores |")
-        print("|---|---|---|")
+        rows = []
+        gpu_rate, measured = one_gpu_rate()
         for name, build in (("ours (random resized crop, fused decode)", ours), ("plain decode_jpeg + resize", plain)):
             ds = build(folder, args.image_size, args.batch_size)
-            rates = [images_per_second(single_core(ds, n), args.batches, args.batch_size) for n in (1, cores)]
-            print(f"| {name} | {rates[0]:,.0f} | {rates[1]:,.0f} |")
+            rates = [round(images_per_second(single_core(ds, n), args.batches, args.batch_size)) for n in (1, cores)]
+            rows.append((name, *rates, gpu_rate, math.ceil(gpu_rate / rates[0])))
+    results.record("input-pipeline", ("pipeline", "img/s on 1 core", f"img/s on {cores} cores",
+                                      f"one GPU trains at, img/s ({measured})", "cores to feed it"), rows)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ import argparse
 import glob
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -26,6 +25,8 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from bench import results  # noqa: E402  (found through the path above)
+
 SEEN, UNSEEN = range(7), range(7, 10)
 LOSSES = ("amsoftmax", "arcface", "cosface", "large_margin", "sphereface", "softmax")
 
@@ -98,15 +99,14 @@ def main():
         print(f"{loss}: seen recall@1 {best['recall_at_1']:.4f}, unseen {unseen['recall_at_1']:.4f} ({seconds:.0f} s)",
               flush=True)
 
-    print(f"\n{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {platform.node()}, {os.cpu_count()} cores; "
-          f"python bench/metric_learning.py --work {a.work} --max_steps {a.max_steps}")
     print(f"training images {counts['train']} (digits 0-6); validation: seen {counts['seen']} (0-6), "
-          f"unseen {counts['unseen']} (7-9)\n")
-    print("| --metric_loss | seen recall@1 | seen MAP@R | unseen recall@1 | unseen recall@5 | unseen MAP@R | best step | wall s |")
-    print("|---|---|---|---|---|---|---|---|")
-    for loss, best, unseen, seconds in rows:
-        print(f"| {loss} | {best['recall_at_1']:.4f} | {best['map_at_r']:.4f} | {unseen['recall_at_1']:.4f} | "
-              f"{unseen['recall_at_5']:.4f} | {unseen['map_at_r']:.4f} | {best['step']} | {seconds:.0f} |")
+          f"unseen {counts['unseen']} (7-9)")
+    results.record("metric-learning",
+                   ("--metric_loss", "seen recall@1", "seen MAP@R", "unseen recall@1", "unseen recall@5", "unseen MAP@R",
+                    "best step", "wall s"),
+                   [(loss, round(best["recall_at_1"], 4), round(best["map_at_r"], 4), round(float(unseen["recall_at_1"]), 4),
+                     round(float(unseen["recall_at_5"]), 4), round(float(unseen["map_at_r"]), 4), best["step"], round(seconds))
+                    for loss, best, unseen, seconds in rows])
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
-"""Offline prediction throughput (images/s) of trainer.predict on this machine's CPU (issue 4).
+"""Offline prediction throughput (images/s) of trainer.predict on this machine's CPU.
 
 Writes --num_images JPEGs of 500x375 (ImageNet's typical size), exports each
 --models backbone with random weights at --image_size (what is timed does not
-depend on the weights), and prints a table of images/s for:
+depend on the weights), and records a table of images/s (bench/results/predict.json) for:
   input     the tf.data pipeline alone (read, and the 1/8-scale decode probe
             that drops undecodable images)
   model     serving_default alone (decode, central crop, resize and the
@@ -23,6 +23,7 @@ import numpy as np
 
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench import results
 
 
 def write_jpegs(folder, count, seed=0):
@@ -47,15 +48,15 @@ def write_jpegs(folder, count, seed=0):
 
 
 def export(model_type, image_size, folder):
+    """Exports the backbone afresh each time: a kept export may be an older code's."""
     from trainer import export as export_lib
     from trainer import models
 
     model_dir = os.path.join(folder, f"{model_type}-{image_size}")
-    if not os.path.exists(os.path.join(model_dir, "saved_model.pb")):
-        weights = f"{model_dir}.weights.h5"
-        models.build_model(model_type, 1000, image_size).save_weights(weights)
-        export_lib.export_saved_model(weights, model_type, "classification", 1000, image_size,
-                                      [f"n{i:05d}" for i in range(1000)], model_dir)
+    weights = f"{model_dir}.weights.h5"
+    models.build_model(model_type, 1000, image_size).save_weights(weights)
+    export_lib.export_saved_model(weights, model_type, "classification", 1000, image_size,
+                                  [f"n{i:05d}" for i in range(1000)], model_dir)
     return model_dir
 
 
@@ -95,14 +96,13 @@ def main():
 
     cli.import_tensorflow_quietly()
     paths = write_jpegs(os.path.join(args.work_dir, "images"), args.num_images)
-    print(f"{args.num_images} JPEGs 500x375, image_size {args.image_size}, batch {args.batch_size}, "
-          f"{os.cpu_count()} CPUs")
-    print("| model | input img/s | model img/s | predict img/s |\n|---|---|---|---|")
+    rows = []
     for model_type in args.models.split(","):
         model_dir = export(model_type, args.image_size, args.work_dir)
         input_rate, model_rate, predict_rate = measure(model_dir, paths, args.batch_size, args.work_dir)
-        print(f"| {model_type} | {input_rate:.0f} | {model_rate:.1f} | {predict_rate:.1f} |", flush=True)
-
+        rows.append((model_type, round(input_rate), round(model_rate, 1), round(predict_rate, 1)))
+        print(rows[-1], flush=True)
+    results.record("predict", ("model", "input img/s", "model img/s", "predict img/s"), rows)
 
 if __name__ == "__main__":
     main()

@@ -10,8 +10,9 @@
    trained with the multi-label defaults (whole image, no crop) and with the
    old classification crop (--random_crop_min_area=0.08 --random_flip=true).
 
-Each run is `python -m trainer.task` as a user runs it; the table gives the
-best evaluation and the wall time. Everything is written under --work.
+Each run is `python -m trainer.task` as a user runs it, in a fresh job-dir;
+each experiment records its table (the best evaluation of each run and its
+wall time) as bench/results/recipes-*.json. Everything else is written under --work.
 
     python -m trainer.sample_data data/digits
     python bench/recipes.py --work /tmp/recipes [--only imbalance,recipe,mosaics]
@@ -21,6 +22,7 @@ import argparse
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -29,11 +31,14 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from bench import results  # noqa: E402  (found through the path above)
+
 CUT = (5, 6, 7, 8, 9)  # classes cut to a twentieth of their training images
 
 
 def trainer(job_dir, flags):
-    """Runs the trainer; returns (metrics.json, seconds)."""
+    """Runs the trainer in a fresh job_dir (a kept one would resume, not train); returns (metrics.json, seconds)."""
+    shutil.rmtree(job_dir, ignore_errors=True)
     argv = [sys.executable, "-m", "trainer.task", *flags, f"--job-dir={job_dir}"]
     env = dict(os.environ, CLOUD_ML_HP_METRIC_FILE=os.path.join(job_dir + ".metrics"))
     started = time.perf_counter()
@@ -42,14 +47,6 @@ def trainer(job_dir, flags):
     if result.returncode:
         sys.exit(f"{' '.join(argv)}\n{result.stderr[-3000:]}")
     return json.load(open(os.path.join(job_dir, "metrics.json"))), seconds
-
-
-def table(header, rows):
-    """Prints a markdown table: header is the row of titles, rows hold already formatted cells."""
-    print("\n| " + " | ".join(header) + " |")
-    print("|" + "---|" * len(header))
-    for row in rows:
-        print("| " + " | ".join(str(cell) for cell in row) + " |")
 
 
 def write_examples(path, images, label_lists):
@@ -85,10 +82,11 @@ def imbalance(work):
         metrics, seconds = trainer(job_dir, base + extra)
         with open(os.path.join(job_dir, "report", "per_class.csv")) as f:
             recalls = [float(row["recall"]) for row in csv.DictReader(f)]  # in class-id order
-        rows.append((name, metrics["best"]["top_1_accuracy"], np.mean(recalls), np.mean([recalls[c] for c in CUT]),
-                     seconds))
-    table(("--class_balancing / --ohem_top_ratio", "top-1", "macro recall", "recall of the cut classes", "wall s"),
-          [(name, f"{top1:.4f}", f"{macro:.4f}", f"{cut:.4f}", f"{seconds:.0f}") for name, top1, macro, cut, seconds in rows])
+        rows.append((name, round(metrics["best"]["top_1_accuracy"], 4), round(float(np.mean(recalls)), 4),
+                     round(float(np.mean([recalls[c] for c in CUT])), 4), round(seconds)))
+    results.record("recipes-imbalance",
+                   ("--class_balancing / --ohem_top_ratio", "top-1", "macro recall", "recall of the cut classes", "wall s"),
+                   rows)
 
 
 def recipe(work):
@@ -99,9 +97,8 @@ def recipe(work):
                         ("+ randaugment, mixup 0.2, cutmix 1.0, ema 0.999",
                          ["--augmentation=randaugment", "--mixup_alpha=0.2", "--cutmix_alpha=1.0", "--ema_decay=0.999"])):
         metrics, seconds = trainer(os.path.join(work, "recipe-" + str(len(rows))), base + extra)
-        rows.append((name, metrics["best"]["top_1_accuracy"], metrics["best"]["step"], seconds))
-    table(("digits quick start", "best top-1", "at step", "wall s"),
-          [(name, f"{top1:.4f}", step, f"{seconds:.0f}") for name, top1, step, seconds in rows])
+        rows.append((name, round(metrics["best"]["top_1_accuracy"], 4), metrics["best"]["step"], round(seconds)))
+    results.record("recipes-augmentation", ("digits quick start", "best top-1", "at step", "wall s"), rows)
 
 
 def mosaics(images, labels, count, rng):
@@ -138,9 +135,8 @@ def mosaic_runs(work):
     for name, extra in (("multi_label defaults (whole image, flip)", []),
                         ("old default crop (min area 0.08, flip)", ["--random_crop_min_area=0.08"])):
         metrics, seconds = trainer(os.path.join(work, "mosaic-" + str(len(rows))), base + extra)
-        rows.append((name, metrics["best"]["mAP"], metrics["best"]["step"], seconds))
-    table(("multi-label mosaics, 600 steps", "best mAP", "at step", "wall s"),
-          [(name, f"{value:.4f}", step, f"{seconds:.0f}") for name, value, step, seconds in rows])
+        rows.append((name, round(metrics["best"]["mAP"], 4), metrics["best"]["step"], round(seconds)))
+    results.record("recipes-mosaics", ("multi-label mosaics, 600 steps", "best mAP", "at step", "wall s"), rows)
 
 
 def main():

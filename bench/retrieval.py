@@ -7,16 +7,15 @@ is the share of queries for which it returns NumPy's k neighbours in NumPy's
 order). Each case runs in a fresh process; "peak MiB" is that process's
 peak resident memory above what it held once the data was made, so it counts
 faiss's own allocations as well as NumPy's. On a shared machine, --repeat
-keeps each case's fastest run. Prints a markdown table.
+keeps each case's fastest run. Records the table as bench/results/retrieval.json.
 
     python bench/retrieval.py [--sizes 10000 50000 100000] [--dim 512] [--gallery 100000] [--queries 10000] [--repeat 1]
 """
 
 import argparse
-import datetime
+import importlib.util
 import multiprocessing
 import os
-import platform
 import resource
 import sys
 import time
@@ -25,6 +24,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench import results
 from trainer import retrieval
 
 
@@ -89,29 +89,24 @@ def main():
     parser.add_argument("--memory_bytes", type=int, default=retrieval.MEMORY_BYTES)
     parser.add_argument("--repeat", type=int, default=1)
     args = parser.parse_args()
-    with open("/proc/cpuinfo") as f:
-        cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), platform.processor())
-    print(f"{datetime.date.today()}, {cpu}, {os.cpu_count()} cores (load average {os.getloadavg()[0]:.1f} at the start), "
-          f"NumPy {np.__version__}; memory_bytes {args.memory_bytes >> 20} MiB, best of {args.repeat}")
-    print(f"`python {' '.join(sys.argv)}`\n")
-    print("| what | N (gallery) | D | seconds | peak MiB | result |")
-    print("|---|---|---|---|---|---|")
+    rows = []
     for n in args.sizes:
         seconds, peak, got = measure(("metrics", n, args), args.repeat)
-        summary = f"recall@1 {got['recall_at_1']:.4f}, MAP@R {got['map_at_r']:.5f}, {got['queries']} queries"
-        print(f"| retrieval_metrics | {n} | {args.dim} | {seconds:.1f} | {peak:.0f} | {summary} |", flush=True)
-    what = f"{args.queries} queries, k {args.k}"
+        summary = f"recall@1 {got['recall_at_1']:.4f}, MAP@R {got['map_at_r']:.5f}, {got['queries']:,} queries"
+        rows.append(("retrieval_metrics", n, args.dim, round(seconds, 1), round(peak), summary))
+        print(rows[-1], flush=True)
+    what = f"{args.queries:,} queries, k {args.k}"
     seconds, peak, (indices, _) = measure(("nearest", args.gallery, args), args.repeat)
-    print(f"| nearest (NumPy) | {args.gallery} | {args.dim} | {seconds:.1f} | {peak:.0f} | {what} |", flush=True)
-    try:
+    rows.append(("nearest, NumPy", args.gallery, args.dim, round(seconds, 1), round(peak), what))
+    print(rows[-1], flush=True)
+    if importlib.util.find_spec("faiss"):  # optional: installed apart, for the comparison
         import faiss
-    except ImportError:
-        print("| faiss.IndexFlatIP | not installed | | | | |")
-        return
-    seconds, peak, (faiss_indices, _) = measure(("faiss", args.gallery, args), args.repeat)
-    same = np.mean((faiss_indices == indices).all(axis=1))
-    print(f"| faiss {faiss.__version__} IndexFlatIP | {args.gallery} | {args.dim} | {seconds:.1f} | {peak:.0f} | "
-          f"{what}; same {same:.4f} |")
+
+        seconds, peak, (faiss_indices, _) = measure(("faiss", args.gallery, args), args.repeat)
+        same = np.mean((faiss_indices == indices).all(axis=1))
+        rows.append((f"nearest, faiss {faiss.__version__} IndexFlatIP", args.gallery, args.dim, round(seconds, 1),
+                     round(peak), f"{what}; same {same:.4f}"))
+    results.record("retrieval", ("what", "N (gallery)", "D", "seconds", "peak MiB", "result"), rows)
 
 
 if __name__ == "__main__":

@@ -3,8 +3,8 @@
 Starts `python -m trainer.task` on a few tiny images with a large model
 (ResNet-50 at 224 by default, evaluation every 100,000 steps, so nothing but
 the signal can save a checkpoint), waits for its 4th progress line, sends
-SIGTERM and times the exit; prints the step times, the latency, the exit
-status and the checkpoint's size.
+SIGTERM and times the exit; records the step times, the latency, the exit
+status and the checkpoint's size (bench/results/signal-latency.json).
 
     python bench/signal_latency.py [--model_type resnet-50 --image_size 224 --batch 2]
 """
@@ -20,6 +20,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from bench import results  # noqa: E402  (found through the path above)
 
 
 def main():
@@ -52,10 +53,9 @@ def main():
     folder = os.path.join(work, "run", "checkpoints")
     size = sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder) if f.startswith("ckpt-"))
     steps = ", ".join(f"{b - a:.2f}" for a, b in zip(stamps, stamps[1:]))
-    print("| model | batch | step s | SIGTERM to exit s | exit status | checkpoint MB |")
-    print("|---|---|---|---|---|---|")
-    print(f"| {args.model_type} at {args.image_size} | {args.batch} | {steps} | {latency:.1f} | {proc.returncode} | "
-          f"{size >> 20} |")
+    results.record("signal-latency", ("model", "batch", "step s", "SIGTERM to exit s", "exit status", "checkpoint MB"),
+                   [(f"{args.model_type} at {args.image_size}", args.batch, steps, round(latency, 1), proc.returncode,
+                     size >> 20)])
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@ evaluation and the export, and timestamps each line it prints from process
 start: imports (until "scanning"), the data scan, the model build and first
 step, the first evaluation, the export and run report, and the whole process;
 then the trainer's CPU seconds (user + sys), which a busy machine inflates
-less than the wall-clock figures. The first run scans the data into a fresh
+less than the wall-clock figures; records the table as
+bench/results/trial-startup.json. The first run scans the data into a fresh
 --scan_cache_dir, as a study's first trial does; the later runs read it, as
 the other trials do.
 
@@ -21,6 +22,9 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from bench import results  # noqa: E402  (found through the path above)
+
 MARKS = (("imports", "scanning "), ("data scan", " training images, "), ("build and first step", "step "),
          ("first evaluation", "eval at step"), ("export and run report", "top_1_accuracy="))
 
@@ -52,16 +56,17 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as tmp:
         cache = os.path.join(tmp, "scan-cache")
         runs = [timed_run(a.flagfile, os.path.join(tmp, f"job{i}"), cache) for i in range(a.runs)]
-    names = [name for name, _ in MARKS] + ["whole process"]
-    print("| run | " + " | ".join(names) + " | CPU (user + sys) |")
-    print("|---" * (len(names) + 2) + "|")
+    names = [name for name, _ in MARKS]
+    rows = []
     for i, seen in enumerate(runs):
-        ends, previous, cells = [seen.get(n) for n in names[:-1]], 0.0, []
-        for end in ends:  # a phase's own seconds: from the previous mark to its own
-            cells.append("-" if end is None else f"{end - previous:.2f}")
+        cells, previous = [], 0.0
+        for name in names:  # a phase's own seconds: from the previous mark to its own
+            end = seen.get(name)
+            cells.append(None if end is None else round(end - previous, 2))
             previous = end if end is not None else previous
         label = "first (scans)" if i == 0 else f"{i + 1} (kept scan)"
-        print(f"| {label} | " + " | ".join(cells) + f" | {seen['whole process']:.2f} | {seen['cpu']:.2f} |")
+        rows.append((label, *cells, round(seen["whole process"], 2), round(seen["cpu"], 2)))
+    results.record("trial-startup", ("run", *names, "whole process", "CPU (user + sys)"), rows)
 
 
 if __name__ == "__main__":

@@ -53,7 +53,7 @@ def export_saved_model(weights_path, model_type, task, num_classes, image_size, 
         return _export(**spec)
 
 
-STALL_SECONDS = 60  # an export takes seconds; one past this has stalled, and says where
+STALL_SECONDS = 15  # an export takes about 1.5 s (docs/BENCHMARKS.md); one past this has stalled, and says where
 
 
 @contextlib.contextmanager
