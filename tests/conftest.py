@@ -1,6 +1,7 @@
 """Shared test helpers: tiny image sets in each source format, and running the CLI."""
 
 import io
+import json
 import os
 import shutil
 import subprocess
@@ -99,6 +100,14 @@ def run_cli(module, args, env=None, timeout=600):
     full_env = dict(os.environ, PYTHONPATH=ROOT, **(env or {}))
     return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, env=full_env,
                           timeout=timeout, cwd=ROOT)
+
+
+def run_on_jax_devices(code, devices, timeout=300):
+    """Runs a Python script on the JAX backend with `devices` XLA CPU devices; the JSON its last line prints."""
+    env = dict(os.environ, PYTHONPATH=ROOT, KERAS_BACKEND="jax", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    result = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.splitlines()[-1])
 
 
 def run_main(main, argv, capsys):

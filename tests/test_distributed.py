@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from tests.conftest import ROOT, tiny_flags, write_tfrecords
+from tests.conftest import ROOT, run_on_jax_devices, tiny_flags, write_tfrecords
 from trainer.cli import UserError
 from trainer.cluster import Cluster, cluster_from_env
 
@@ -187,11 +187,7 @@ def test_batches_placed_ahead_on_two_devices_train_as_fit_places_them(tmp_path):
     # On JAX over several devices the trainer hands fit its batches already split over the devices,
     # two steps ahead (distribute.placed_ahead): the same batches, in order, so the same weights.
     pytest.importorskip("jax")
-    env = dict(os.environ, PYTHONPATH=ROOT, KERAS_BACKEND="jax", XLA_FLAGS="--xla_force_host_platform_device_count=2")
-    result = subprocess.run([sys.executable, "-c", PLACED_AHEAD], env=env, cwd=ROOT, capture_output=True, text=True,
-                            timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    found = json.loads(result.stdout.splitlines()[-1])
+    found = run_on_jax_devices(PLACED_AHEAD, 2)
     assert found["read_before_the_first"] == 3  # the first and the two after it are on their way
     assert found["first_on"] == ["cpu:0", "cpu:1"] and found["first_equal"]
     assert found["yielded"] == 5

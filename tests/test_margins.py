@@ -1,17 +1,13 @@
 """The metric_learning head and margin losses: values at hand-computed angles, gradients at the edges,
 weights, PAI's defaults, a tiny training per loss, and the class-sharded head on four CPU devices."""
 
-import json
 import math
-import os
-import subprocess
-import sys
 
 import keras
 import numpy as np
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import run_on_jax_devices
 from trainer import margins
 from trainer.cli import UserError
 
@@ -242,11 +238,7 @@ print(json.dumps({
 
 def test_class_sharded_head_over_four_cpu_devices_matches_the_whole_head():
     pytest.importorskip("jax")
-    env = dict(os.environ, PYTHONPATH=ROOT, KERAS_BACKEND="jax", XLA_FLAGS="--xla_force_host_platform_device_count=4")
-    result = subprocess.run([sys.executable, "-c", SHARDED_HEAD], env=env, cwd=ROOT, capture_output=True, text=True,
-                            timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    found = json.loads(result.stdout.splitlines()[-1])
+    found = run_on_jax_devices(SHARDED_HEAD, 4)
     assert found["shards"] == [[[6, 2]] * 4, [[6, 2]] * 4, [[2]] * 4]  # 8 classes, 2 per device
     assert found["momentum_shards"] == found["shards"]  # the optimizer's state is split as its variables are
     assert found["loss"][1] == pytest.approx(found["loss"][0], rel=1e-6)

@@ -156,11 +156,16 @@ def placed_ahead(batches, distribution, depth=2):
 
     import jax
 
+    layouts = {}  # by shape: every batch has the same ones
+
+    def place(t):
+        if t.shape not in layouts:
+            layouts[t.shape] = distribution.get_data_layout(t.shape).backend_layout
+        return jax.make_array_from_process_local_data(layouts[t.shape], t)
+
     pending = collections.deque()
     for batch in batches:
-        pending.append(jax.tree_util.tree_map(
-            lambda t: jax.make_array_from_process_local_data(distribution.get_data_layout(t.shape).backend_layout, t),
-            batch))
+        pending.append(jax.tree_util.tree_map(place, batch))
         if len(pending) > depth:
             yield pending.popleft()
     yield from pending
