@@ -32,12 +32,12 @@ PATHS = (("host", "trainer"), ("host", "keras"), ("device", "trainer"))
 TIMM_NAMES = {"resnet-50": "resnet50", "efficientnet-b0": "efficientnet_b0"}
 
 
-def run(devices, input_path, placement, args, log):
-    """One gpu_throughput run on the first `devices` GPUs; its JSON result."""
+def run(devices, input_path, placement, args, log, extra=()):
+    """One gpu_throughput run on the first `devices` GPUs (extra: more of its flags); its JSON result."""
     env = dict(os.environ, CUDA_VISIBLE_DEVICES=",".join(str(i) for i in range(devices)))
     command = [sys.executable, os.path.join(HERE, "gpu_throughput.py"), "--model_type", args.model_type,
                "--steps", str(args.steps), "--input", input_path, "--placement", placement, "--data_parallel",
-               "--json", log]
+               "--json", log, *extra]
     finished = subprocess.run(command, env=env, capture_output=True, text=True)
     if finished.returncode:
         sys.exit(f"{' '.join(command)} failed:\n{finished.stderr[-3000:]}")

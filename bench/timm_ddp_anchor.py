@@ -6,6 +6,12 @@ images already on the GPU, per-GPU batch 256.
 
     torchrun --standalone --nproc_per_node=2 bench/timm_ddp_anchor.py resnet50
 
+Run without torchrun (no RANK in the environment) it is the plain one-GPU
+anchor: the same step on the first GPU, no process group and no DDP wrapper,
+as a user training on one GPU runs it.
+
+    python bench/timm_ddp_anchor.py resnet50
+
 Rank 0 prints one line: `ANCHOR arch gpus img/s` (all GPUs together).
 """
 
@@ -23,14 +29,17 @@ WARMUP = int(os.environ.get("WARM", 8))
 
 
 def main(arch):
-    dist.init_process_group("nccl")
-    rank, world = dist.get_rank(), dist.get_world_size()
-    torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    distributed = "RANK" in os.environ  # started by torchrun
+    if distributed:
+        dist.init_process_group("nccl")
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     torch.backends.cudnn.benchmark = True
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     model = timm.create_model(arch, num_classes=1000).cuda().to(memory_format=torch.channels_last)
-    model = torch.nn.parallel.DistributedDataParallel(model)
+    if distributed:
+        model = torch.nn.parallel.DistributedDataParallel(model)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
     loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=0.1)
     generator = torch.Generator(device="cuda").manual_seed(rank)
@@ -52,16 +61,19 @@ def main(arch):
     for _ in range(WARMUP):
         compiled()
     torch.cuda.synchronize()
-    dist.barrier()
+    if distributed:
+        dist.barrier()
     start = time.perf_counter()
     for _ in range(STEPS):
         compiled()
     torch.cuda.synchronize()
-    dist.barrier()
+    if distributed:
+        dist.barrier()
     elapsed = time.perf_counter() - start
     if rank == 0:
         print(f"ANCHOR {arch} {world} {world * BATCH * STEPS / elapsed:.1f}", flush=True)
-    dist.destroy_process_group()
+    if distributed:
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

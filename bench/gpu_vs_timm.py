@@ -1,0 +1,64 @@
+"""The trainer's step against plain timm + torch.compile on one GPU, in one call.
+
+Runs bench/gpu_throughput.py (the trainer's own step, JAX, bf16, batch 256,
+1,000 classes) with the batch on the GPU and with the batch copied from host
+memory each step, then bench/timm_ddp_anchor.py without torchrun (the same
+step in timm + torch.compile, no DDP wrapper, images on the GPU), and records
+bench/results/gpu-vs-timm-MODEL.json. The ratio compares the two runs with
+the images on the GPU; both figures come from the same call, as ratios must.
+
+    KERAS_BACKEND=jax python bench/gpu_vs_timm.py --model_type resnet-50 [--steps 30] [--inference]
+
+Each model takes a call of its own: torch.compile of one model and our two
+runs take about five minutes.
+"""
+
+import argparse
+import os
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+
+from bench import gpu_scaling, results  # noqa: E402  (found through the path above)
+
+
+def timm_plain(model_type):
+    """img/s of timm + torch.compile on the first GPU, no DDP."""
+    import subprocess
+
+    command = [sys.executable, os.path.join(HERE, "timm_ddp_anchor.py"), gpu_scaling.TIMM_NAMES[model_type]]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    finished = subprocess.run(command, env=dict(env, CUDA_VISIBLE_DEVICES="0"), capture_output=True, text=True)
+    lines = [line for line in finished.stdout.splitlines() if line.startswith("ANCHOR ")]
+    if finished.returncode or not lines:
+        sys.exit(f"{' '.join(command)} failed:\n{finished.stderr[-3000:]}")
+    return float(lines[-1].split()[-1])
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model_type", default="resnet-50", choices=sorted(gpu_scaling.TIMM_NAMES))
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--inference", action="store_true", help="also time our forward pass")
+    args = parser.parse_args()
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as scratch:
+        log = os.path.join(scratch, "runs.jsonl")
+        extra = ["--inference"] if args.inference else []
+        device = gpu_scaling.run(1, "device", "trainer", args, log, extra)
+        host = gpu_scaling.run(1, "host", "trainer", args, log)
+    print("ours", device["img_per_s"], host["img_per_s"], flush=True)
+    timm = timm_plain(args.model_type)
+    print("timm", timm, flush=True)
+    results.record(f"gpu-vs-timm-{args.model_type}", [
+        "model", "GPU", "ours img/s (images on the GPU)", "ours img/s (from host memory)",
+        "timm + torch.compile img/s (on the GPU)", "ours / timm", "our inference img/s"], [[
+        args.model_type, device["device"], round(device["img_per_s"]), round(host["img_per_s"]), round(timm),
+        f"{device['img_per_s'] / timm:.2f}",
+        round(device["inference_img_per_s"]) if "inference_img_per_s" in device else None]])
+
+
+if __name__ == "__main__":
+    main()
