@@ -192,8 +192,14 @@ def start_container_server(env):
 
 
 def stop(process):
-    process.send_signal(signal.SIGTERM)  # as docker stop does
-    out, err = process.communicate(timeout=30)
+    """The server's stdout lines after SIGTERM, as docker stop sends it; fails with all it wrote if it does not exit."""
+    process.send_signal(signal.SIGTERM)
+    try:
+        out, err = process.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        out, err = process.communicate()
+        pytest.fail(f"the server did not exit within 30 s of SIGTERM\nstdout:\n{out}\nstderr:\n{err}")
     assert process.returncode == 0, err
     return out.splitlines()
 
