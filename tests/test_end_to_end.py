@@ -7,6 +7,7 @@ start a process because the backend is chosen once, at Keras' import.
 
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -70,6 +71,8 @@ def check_outputs(job_dir, result, hypertune_file, eval_steps):
     best = max(e["top_1_accuracy"] for e in metrics["evaluations"])
     assert metrics["best"]["top_1_accuracy"] == best
     assert result.stdout.strip().splitlines()[-1] == f"top_1_accuracy={best:.4f}"
+    model_bytes = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(os.path.join(job_dir, "model")) for f in fs)
+    assert re.search(rf"^exported in [\d.]+ s \({model_bytes / 1e6:.0f} MB\)", result.stdout, re.MULTILINE)
     report = os.path.join(job_dir, "report")
     assert {"report.html", "curves.png", "confusion_matrix.png", "per_class.csv"} <= set(os.listdir(report))
     assert linked_files(report) == set(os.listdir(report)) - {"report.html"}  # it shows every file, and only those

@@ -135,13 +135,28 @@ def test_a_decompression_bomb_in_the_training_data_is_left_out_undecoded(tmp_pat
     assert "its header declares 529,000,000 pixels, more than --max_image_pixels=40,000,000" in report.stdout
 
 
+def test_an_export_that_waited_for_slow_storage_says_so():
+    from trainer.export import Exported
+
+    # Measured on a disk throttled to 4 MB/s (docs/BENCHMARKS.md): 12.7 s, 1.7 s of it computing.
+    assert Exported(12.7, 1.7, 44_700_000).line() == (
+        "exported in 12.7 s (45 MB); the CPU was idle for 11.0 s of it, waiting for the disk (or, for gs://, the "
+        "network) to take the files: 3.5 MB/s")
+    assert Exported(1.4, 2.9, 44_700_000).line() == "exported in 1.4 s (45 MB)"  # threads: more CPU than wall time
+    assert Exported(4.0, 1.5, 44_700_000).line() == "exported in 4.0 s (45 MB)"  # a short wait is not worth a word
+
+
 def test_a_stalled_export_leaves_the_threads_stacks_beside_it(tmp_path, monkeypatch, capsys):
     from trainer import export, models
 
     weights = str(tmp_path / "w.weights.h5")
     models.build_model("resnet-18", 3, 16).save_weights(weights)
-    export.export_saved_model(weights, "resnet-18", "classification", 3, 16, ["a", "b", "c"], str(tmp_path / "fast" / "model"))
+    exported = export.export_saved_model(weights, "resnet-18", "classification", 3, 16, ["a", "b", "c"],
+                                         str(tmp_path / "fast" / "model"))
     assert os.listdir(tmp_path / "fast") == ["model"]  # a normal export leaves nothing else
+    size = sum(f.stat().st_size for f in (tmp_path / "fast" / "model").rglob("*") if f.is_file())
+    assert exported.size == size and 0 < exported.cpu_seconds
+    assert exported.line() == f"exported in {exported.seconds:.1f} s ({size / 1e6:.0f} MB)"  # it computed: no wait
     monkeypatch.setattr(export, "STALL_SECONDS", 0.01)  # any export is "stalled" after 10 ms
     export.export_saved_model(weights, "resnet-18", "classification", 3, 16, ["a", "b", "c"], str(tmp_path / "slow" / "model"))
     stacks = (tmp_path / "slow" / "export-stall-stacks.txt").read_text()

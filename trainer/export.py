@@ -20,37 +20,71 @@ a child process (`python -m trainer.export SPEC.json`).
 """
 
 import contextlib
+import dataclasses
 import functools
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
 import threading
+import time
 import traceback
 
 from trainer import files
 from trainer.tasks import TASKS
 
 
+@dataclasses.dataclass(frozen=True)
+class Exported:
+    """What an export took: wall seconds, CPU seconds (every thread, and the child process of a JAX run), bytes."""
+
+    seconds: float
+    cpu_seconds: float
+    size: int
+
+    IDLE_S = 3.0  # an export waiting this long with the CPU idle, and for most of its time, says so
+
+    def line(self):
+        """The log line: time and size, and the wait when the CPU sat idle for most of it (slow storage)."""
+        text = f"exported in {self.seconds:.1f} s ({self.size / 1e6:.0f} MB)"
+        idle = self.seconds - self.cpu_seconds
+        if idle >= self.IDLE_S and idle > self.seconds / 2:
+            text += (f"; the CPU was idle for {idle:.1f} s of it, waiting for the disk (or, for gs://, the network) "
+                     f"to take the files: {self.size / 1e6 / self.seconds:.1f} MB/s")
+        return text
+
+
 def export_saved_model(weights_path, model_type, task, num_classes, image_size, class_names, export_dir,
                        evaluation=None, head_options=None, metadata=None):
-    """Builds the model from weights_path and writes export_dir, replacing it atomically.
+    """Builds the model from weights_path and writes export_dir, replacing it atomically; returns Exported.
 
     task: a --task name; evaluation: the evaluation whose settings the export
     keeps (a multi-label model's thresholds); head_options: the task head's
     keyword arguments (Task.head_options); metadata: {name: str or int} the
     metadata signature returns besides class_names, task and image_size.
+    The export's files reach the disk before it returns (files.write_folder_atomic),
+    so on slow storage most of its time is the wait for them, which Exported.line() names.
     """
     import keras
 
     spec = dict(weights_path=weights_path, model_type=model_type, task=task, num_classes=num_classes,
                 image_size=image_size, class_names=list(class_names), export_dir=export_dir,
                 evaluation=evaluation or {}, head_options=head_options or {}, metadata=metadata or {})
+    started, cpu_before = time.perf_counter(), _cpu_seconds()
     if keras.backend.backend() != "tensorflow":
-        return _export_in_child(spec)  # which watches itself
-    with stacks_if_slow(export_dir):
-        return _export(**spec)
+        _export_in_child(spec)  # which watches itself
+    else:
+        with stacks_if_slow(export_dir):
+            _export(**spec)
+    return Exported(time.perf_counter() - started, _cpu_seconds() - cpu_before, files.tree_bytes(export_dir))
+
+
+def _cpu_seconds():
+    """CPU seconds of this process's threads and of its finished children."""
+    return sum(value for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+               for value in resource.getrusage(who)[:2])
 
 
 STALL_SECONDS = 15  # an export takes about 1.5 s (docs/BENCHMARKS.md); one past this has stalled, and says where

@@ -58,6 +58,14 @@ def listdir(path):
     return gfile().listdir(path) if is_remote(path) else os.listdir(path)
 
 
+def tree_bytes(path):
+    """Bytes in the files under a local or remote folder."""
+    if is_remote(path):
+        return sum(gfile().stat(gfile().join(folder, name)).length
+                   for folder, _, names in gfile().walk(path) for name in names)
+    return sum(os.path.getsize(os.path.join(folder, name)) for folder, _, names in os.walk(path) for name in names)
+
+
 def remove(path):
     """Removes a file; already gone is fine."""
     try:

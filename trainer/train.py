@@ -123,11 +123,11 @@ def run(c, job_dir):
             cli.say(f"worker {cluster.index} done; the chief exports")
             return best[c.metric]
         cli.say(f"exporting the best evaluation (step {best['step']}) to {out.model}")
-        export_started = time.perf_counter()
-        export.export_saved_model(store.best_path(reporter.best_weights), c.model_type, c.task, c.num_classes,
-                                  c.image_size, inputs.class_names, out.model, evaluation=best,
-                                  head_options=task.head_options(c), metadata=task.export_metadata(c))
-        cli.say(f"exported in {time.perf_counter() - export_started:.1f} s")
+        exported = export.export_saved_model(
+            store.best_path(reporter.best_weights), c.model_type, c.task, c.num_classes, c.image_size,
+            inputs.class_names, out.model, evaluation=best, head_options=task.head_options(c),
+            metadata=task.export_metadata(c))
+        cli.say(exported.line())
         if reporter.best_outputs is None:  # the best evaluation was a resumed run's predecessor's
             model.load_weights(store.best_path(reporter.best_weights))
             _, logits, targets = evaluate_model(evaluated, inputs.evaluation, c.eval_batch_size, task, settings)
