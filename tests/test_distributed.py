@@ -192,3 +192,66 @@ def test_batches_placed_ahead_on_two_devices_train_as_fit_places_them(tmp_path):
     assert found["first_on"] == ["cpu:0", "cpu:1"] and found["first_equal"]
     assert found["yielded"] == 5
     assert found["ahead"] == found["keras"]
+
+
+PER_DEVICE_BATCH_NORM = """
+import json
+import jax
+import keras
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+from trainer import models
+
+keras.distribution.set_distribution(keras.distribution.DataParallel(devices=keras.distribution.list_devices()))
+model = models.build_model("resnet-18", 10, 32, seed=0)
+norms = [layer for layer in models._all_layers(model) if isinstance(layer, keras.layers.BatchNormalization)]
+layer = norms[0]
+rng = np.random.default_rng(0)
+x = rng.normal(2.0, 3.0, size=(8, 4, 4, layer.moving_mean.shape[0])).astype("float32")
+x[4:] = x[4:] * 5 + 7  # the second device's four images differ from the first's
+moving = np.asarray(layer.moving_mean), np.asarray(layer.moving_variance)
+normalised = np.asarray(layer(x, training=True))
+shares = x.reshape(2, 4, 4, 4, -1)
+mean, variance = shares.mean(axis=(1, 2, 3), keepdims=True), shares.var(axis=(1, 2, 3), keepdims=True)
+gamma, beta = np.asarray(layer.gamma), np.asarray(layer.beta)
+want = ((shares - mean) / np.sqrt(variance + layer.epsilon) * gamma + beta).reshape(x.shape)
+m = layer.momentum
+want_moving = (moving[0] * m + mean.mean(axis=0).ravel() * (1 - m), moving[1] * m + variance.mean(axis=0).ravel() * (1 - m))
+moving_difference = max(float(np.abs(np.asarray(v) - w).max())
+                        for v, w in zip((layer.moving_mean, layer.moving_variance), want_moving))
+
+# The compiled training step of the whole model, its batch split over the two devices.
+images = rng.integers(0, 256, size=(8, 32, 32, 3)).astype("uint8")
+images = jax.device_put(images, NamedSharding(jax.sharding.Mesh(jax.devices(), ("batch",)), PartitionSpec("batch")))
+loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+labels = np.arange(8) % 10
+trainable = [v.value for v in model.trainable_variables]
+fixed = [v.value for v in model.non_trainable_variables]
+step = jax.jit(jax.grad(lambda w, x: loss(labels, model.stateless_call(w, fixed, x, training=True)[0])))
+compiled = step.lower(trainable, images).compile().as_text()
+
+models.set_synchronized_batch_norm(model)  # --sync_batch_norm: the global batch's statistics
+synchronised = np.asarray(layer(x, training=True))
+want_global = (x - x.mean(axis=(0, 1, 2))) / np.sqrt(x.var(axis=(0, 1, 2)) + layer.epsilon) * gamma + beta
+print(json.dumps({
+    "synchronised_difference": float(np.abs(synchronised - want_global).max()),
+    "difference": float(np.abs(normalised - want).max()),
+    "moving_difference": moving_difference,
+    "batch_norms": len(norms),
+    "all_reduces": compiled.count(" all-reduce("),
+    "other_collectives": sum(compiled.count(name) for name in ("all-gather(", "all-to-all(", "collective-permute(")),
+}))
+"""
+
+
+def test_each_device_normalises_its_own_share_and_the_step_syncs_only_the_gradients():
+    # As PyTorch DDP and TensorFlow's MirroredStrategy do. Under keras.distribution one jitted step sees
+    # the global batch, and Keras' batch norm would cross devices for every layer's statistics, forward
+    # and backward (35 all-reduces in this step, each waited for before the next layer), where the
+    # gradients alone need one.
+    pytest.importorskip("jax")
+    found = run_on_jax_devices(PER_DEVICE_BATCH_NORM, 2)
+    assert found["difference"] < 1e-4
+    assert found["moving_difference"] < 1e-4  # the moving averages take the mean of the two devices' statistics
+    assert found["all_reduces"] < found["batch_norms"] and found["other_collectives"] == 0
+    assert found["synchronised_difference"] < 1e-4  # --sync_batch_norm asks for the global batch's statistics

@@ -90,7 +90,9 @@ def build_model(model_type, num_classes, image_size, weight_decay=0.0, seed=None
     imagenet: start the backbone from Keras' ImageNet weights (efficientnet-*
     only; keras.applications downloads them once into ~/.keras).
     one_pass_moments: batch-norm statistics as E[x^2] - E[x]^2 (see
-    _one_pass_moments); None means on with the JAX backend only.
+    _one_pass_moments); None means on with the JAX backend only. Built under a
+    keras.distribution that splits the batch over several devices, batch norm
+    also takes each device's statistics (_per_device_batch_norm).
     """
     if seed is not None:
         keras.utils.set_random_seed(seed)
@@ -105,10 +107,52 @@ def build_model(model_type, num_classes, image_size, weight_decay=0.0, seed=None
     if one_pass_moments is None:
         one_pass_moments = keras.backend.backend() == "jax"
     if one_pass_moments:
+        shards = batch_shards()
         for layer in _all_layers(model):
             if isinstance(layer, keras.layers.BatchNormalization) and not layer.synchronized:
                 layer._moments = functools.partial(_one_pass_moments, layer)
+                if shards > 1:
+                    layer.call = functools.partial(_per_device_batch_norm, layer, shards)
     return model
+
+
+def batch_shards():
+    """How many devices the current keras.distribution splits a batch over (1 without one)."""
+    distribution = keras.distribution.distribution()
+    if distribution is None:
+        return 1
+    mesh = distribution.device_mesh
+    return mesh.shape[mesh.axis_names.index(distribution.batch_dim_name)]
+
+
+def _per_device_batch_norm(layer, shards, inputs, training=None, mask=None):
+    """A training step's batch norm over each device's share of the batch, as PyTorch DDP and TensorFlow's
+    MirroredStrategy normalise; the moving averages take the mean of the devices' statistics.
+
+    Under keras.distribution one jitted step sees the global batch, so Keras' batch norm averages over
+    every device: the statistics of each layer, and their gradient, cross devices one small all-reduce at a
+    time, each waited for before the next layer can start. The batch is split into its devices' shares
+    (the rows each device holds) and each share normalised by its own statistics, which need no other
+    device; only the moving averages, which nothing in the step waits for, are averaged across devices.
+    """
+    batch = inputs.shape[0]
+    if (not (training and layer.trainable) or mask is not None or layer.renorm or batch is None or batch % shards
+            or layer.axis % len(inputs.shape) != len(inputs.shape) - 1):
+        return type(layer).call(layer, inputs, training=training, mask=mask)
+    ops = keras.ops
+    x = ops.reshape(ops.cast(inputs, "float32"), (shards, batch // shards, *inputs.shape[1:]))
+    axes = tuple(range(1, len(x.shape) - 1))  # a device's images and positions: not the device, not the channel
+    mean = ops.mean(x, axis=axes, keepdims=True)
+    variance = ops.maximum(ops.mean(ops.square(x), axis=axes, keepdims=True) - ops.square(mean), 0.0)
+    momentum = layer.momentum
+    layer.moving_mean.assign(layer.moving_mean * momentum + ops.reshape(ops.mean(mean, axis=0), [-1]) * (1 - momentum))
+    layer.moving_variance.assign(
+        layer.moving_variance * momentum + ops.reshape(ops.mean(variance, axis=0), [-1]) * (1 - momentum))
+    scale = ops.rsqrt(variance + layer.epsilon)
+    if layer.scale:
+        scale = scale * ops.cast(layer.gamma, "float32")
+    shift = -mean * scale + (ops.cast(layer.beta, "float32") if layer.center else 0.0)
+    return ops.cast(ops.reshape(x * scale + shift, inputs.shape), layer.compute_dtype)
 
 
 def _one_pass_moments(layer, inputs, mask):
@@ -259,15 +303,18 @@ class HardestFraction(keras.losses.Loss):
 
 
 def set_synchronized_batch_norm(model):
-    """Batch-norm statistics over the global batch under a TensorFlow distribution strategy.
+    """Batch-norm statistics over the global batch on several devices (--sync_batch_norm).
 
-    (Under JAX the batch is one array sharded over the devices, so its statistics are global already.)
+    TensorFlow: Keras' synchronized batch norm under the distribution strategy. JAX: Keras' own call again
+    in place of _per_device_batch_norm; one jitted step sees the batch as one array over the devices, so
+    its statistics are the global batch's.
     """
-    if keras.backend.backend() != "tensorflow":
-        return
     for layer in _all_layers(model):
         if isinstance(layer, keras.layers.BatchNormalization):
-            layer.synchronized = True
+            if keras.backend.backend() == "tensorflow":
+                layer.synchronized = True
+            else:
+                vars(layer).pop("call", None)
 
 
 def compile_model(model, optimizer, loss, **compile_kwargs):
