@@ -6,6 +6,9 @@ call, and records one table (bench/results/gpu-scaling.json):
 
   host, trainer  the batch in host memory, placed on the devices two steps
                  ahead (distribute.placed_ahead), as the trainer feeds fit
+  host, trainer, global batch norm
+                 the same with --sync_batch_norm: each layer's statistics
+                 over the global batch, synchronised across the devices
   host, keras    the same batch, placed by fit when its step asks for it
   device         the batch generated on the GPUs once: no copy at all
 
@@ -28,7 +31,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
 from bench import results  # noqa: E402  (found through the path above)
-PATHS = (("host", "trainer"), ("host", "keras"), ("device", "trainer"))
+PATHS = (("host", "trainer", ()), ("host", "trainer", ("--sync_batch_norm",)), ("host", "keras", ()),
+         ("device", "trainer", ()))
 TIMM_NAMES = {"resnet-50": "resnet50", "efficientnet-b0": "efficientnet_b0"}
 
 
@@ -76,10 +80,11 @@ def main():
     rows = []
     with tempfile.TemporaryDirectory() as scratch:
         log = os.path.join(scratch, "runs.jsonl")
-        for input_path, placement in PATHS:
-            one = run(1, input_path, placement, args, log)
-            many = run(gpus, input_path, placement, args, log)
-            label = f"{input_path}, {placement}" if input_path == "host" else input_path
+        for input_path, placement, extra in PATHS:
+            one = run(1, input_path, placement, args, log, extra)
+            many = run(gpus, input_path, placement, args, log, extra)
+            label = (f"{input_path}, {placement}" if input_path == "host" else input_path) + (
+                ", global batch norm" if extra else "")
             rows.append([args.model_type, label, round(one["img_per_s"]), round(one["step_ms"], 1), gpus,
                          round(many["img_per_s"]), round(many["step_ms"], 1),
                          f"{100 * many['img_per_s'] / (gpus * one['img_per_s']):.1f}%"])

@@ -52,6 +52,8 @@ def parse_args(argv=None):
     p.add_argument("--steps_per_execution", type=int, default=1)
     p.add_argument("--bn_moments", default="auto", choices=("auto", "keras", "one_pass"),
                    help="keras: Keras' two-pass variance; auto: what build_model does by default")
+    p.add_argument("--sync_batch_norm", action="store_true",
+                   help="the trainer's --sync_batch_norm: statistics over the global batch, not each device's share")
     p.add_argument("--input", default="device", choices=("device", "host", "sharded"),
                    help="sharded: as device, but the batch already split over the devices the way the "
                         "distribution splits it (no per-step resharding)")
@@ -89,10 +91,13 @@ def repeat(batch):
         yield batch
 
 
-def build(model_type, image_size, precision, steps_per_execution, num_classes=NUM_CLASSES, learning_rate=0.1, bn_moments="auto"):
+def build(model_type, image_size, precision, steps_per_execution, num_classes=NUM_CLASSES, learning_rate=0.1, bn_moments="auto",
+          sync_batch_norm=False):
     keras.mixed_precision.set_dtype_policy(precision)
     one_pass = {"auto": None, "keras": False, "one_pass": True}[bn_moments]
     model = models.build_model(model_type, num_classes, image_size, weight_decay=1e-4, seed=0, one_pass_moments=one_pass)
+    if sync_batch_norm:  # the trainer's --sync_batch_norm
+        models.set_synchronized_batch_norm(model)
     optimizer = models.make_optimizer("momentum", learning_rate)
     loss = CLASSIFICATION.loss(types.SimpleNamespace(label_smoothing=0.1))
     models.compile_model(model, optimizer, loss, steps_per_execution=steps_per_execution)
@@ -159,7 +164,8 @@ def peak_memory_gib():
 def measure(a):
     import jax
 
-    model = build(a.model_type, a.image_size, a.precision, a.steps_per_execution, bn_moments=a.bn_moments)
+    model = build(a.model_type, a.image_size, a.precision, a.steps_per_execution, bn_moments=a.bn_moments,
+                  sync_batch_norm=a.sync_batch_norm)
     batch = synthetic_batch(a.batch_size, a.image_size, on_device=a.input != "host")
     if a.input == "sharded" and keras.distribution.distribution() is not None:
         distribution = keras.distribution.distribution()
@@ -180,7 +186,7 @@ def measure(a):
     steps = per_epoch * (epochs - 1)
     result = {
         "model_type": a.model_type, "batch_size": a.batch_size, "devices": a.devices, "precision": a.precision,
-        "input": a.input, "placement": a.placement,
+        "input": a.input, "placement": a.placement, "sync_batch_norm": a.sync_batch_norm,
         "steps_per_execution": spe, "bn_moments": a.bn_moments, "device": jax.devices()[0].device_kind,
         "img_per_s": a.batch_size * steps / timed, "step_ms": 1e3 * timed / steps,
         "first_epoch_s": first_epoch, "peak_mem_gib": peak_memory_gib(), "last_loss": float(timer.loss),
