@@ -49,11 +49,13 @@ def run(devices, input_path, placement, args, log, extra=()):
         return json.loads(f.readlines()[-1])
 
 
-def timm_ddp(devices, model_type):
-    """img/s of timm + torch.compile under DDP on the first `devices` GPUs (all of them together)."""
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES=",".join(str(i) for i in range(devices)))
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={devices}",
-               os.path.join(HERE, "timm_ddp_anchor.py"), TIMM_NAMES[model_type]]
+def timm_ddp(devices, model_type, plain=False):
+    """img/s of timm + torch.compile under DDP on the first `devices` GPUs (all of them together);
+    plain: on the first GPU alone, started without torchrun, so no process group and no DDP wrapper."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in range(devices))
+    launcher = [] if plain else ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={devices}"]
+    command = [sys.executable, *launcher, os.path.join(HERE, "timm_ddp_anchor.py"), TIMM_NAMES[model_type]]
     finished = subprocess.run(command, env=env, capture_output=True, text=True)
     lines = [line for line in finished.stdout.splitlines() if line.startswith("ANCHOR ")]
     if finished.returncode or not lines:

@@ -16,24 +16,12 @@ runs take about five minutes.
 import argparse
 import os
 import sys
+import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
 from bench import gpu_scaling, results  # noqa: E402  (found through the path above)
-
-
-def timm_plain(model_type):
-    """img/s of timm + torch.compile on the first GPU, no DDP."""
-    import subprocess
-
-    command = [sys.executable, os.path.join(HERE, "timm_ddp_anchor.py"), gpu_scaling.TIMM_NAMES[model_type]]
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    finished = subprocess.run(command, env=dict(env, CUDA_VISIBLE_DEVICES="0"), capture_output=True, text=True)
-    lines = [line for line in finished.stdout.splitlines() if line.startswith("ANCHOR ")]
-    if finished.returncode or not lines:
-        sys.exit(f"{' '.join(command)} failed:\n{finished.stderr[-3000:]}")
-    return float(lines[-1].split()[-1])
 
 
 def main():
@@ -42,15 +30,13 @@ def main():
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--inference", action="store_true", help="also time our forward pass")
     args = parser.parse_args()
-    import tempfile
-
     with tempfile.TemporaryDirectory() as scratch:
         log = os.path.join(scratch, "runs.jsonl")
         extra = ["--inference"] if args.inference else []
         device = gpu_scaling.run(1, "device", "trainer", args, log, extra)
         host = gpu_scaling.run(1, "host", "trainer", args, log)
     print("ours", device["img_per_s"], host["img_per_s"], flush=True)
-    timm = timm_plain(args.model_type)
+    timm = gpu_scaling.timm_ddp(1, args.model_type, plain=True)
     print("timm", timm, flush=True)
     results.record(f"gpu-vs-timm-{args.model_type}", [
         "model", "GPU", "ours img/s (images on the GPU)", "ours img/s (from host memory)",
