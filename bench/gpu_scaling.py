@@ -17,7 +17,7 @@ Scaling efficiency = img/s on N GPUs / (N x img/s on one GPU fed the same way).
 PyTorch DDP on 1 and N GPUs (bench/timm_ddp_anchor.py, images on the GPU),
 in a second table (bench/results/gpu-scaling-anchor-MODEL.json).
 
-    KERAS_BACKEND=jax python bench/gpu_scaling.py [--model_type resnet-50] [--steps 30] [--anchor]
+    KERAS_BACKEND=jax python bench/gpu_scaling.py [--model_type resnet-50] [--steps 150] [--anchor]
 """
 
 import argparse
@@ -71,7 +71,7 @@ def gpu_count():
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model_type", default="resnet-50")
-    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--anchor", action="store_true", help="the trainer's path against timm DDP instead")
     args = parser.parse_args()
     gpus = gpu_count()

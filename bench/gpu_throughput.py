@@ -203,18 +203,19 @@ def measure(a):
         result["inference_img_per_s"] = inference_images_per_second(model, device_batch)
     if a.profile:
         try:
-            profile(model, batch, a.profile)
+            profile(model, batches, a.profile)  # the same feed as the timed steps
         except Exception as e:  # noqa: BLE001
             print("profile failed:", repr(e)[:300])
     return result
 
 
-def profile(model, batch, folder, steps=3):
-    """Traces `steps` more fit steps and prints device time per kernel class."""
+def profile(model, batches, folder, steps=3):
+    """Traces `steps` more fit steps on `batches` and prints device time per kernel class and each device's
+    idle share."""
     import jax
 
     with jax.profiler.trace(folder, create_perfetto_trace=True):
-        model.fit(repeat(batch), steps_per_epoch=steps, epochs=1, verbose=0)
+        model.fit(batches, steps_per_epoch=steps, epochs=1, verbose=0)
     paths = glob.glob(os.path.join(folder, "**", "perfetto_trace.json.gz"), recursive=True)
     if paths:
         summarize_trace(max(paths, key=os.path.getmtime), steps)
@@ -228,6 +229,8 @@ def kernel_class(name):
         if "dgrad" in lowered or "bwd_data" in lowered:
             return "conv data-gradient"
         return "conv/matmul (library)"
+    if "nccl" in lowered:
+        return "NCCL collectives"
     if "memcpy" in lowered or "memset" in lowered:
         return "memcpy/memset"
     if "reduce" in lowered:
@@ -257,6 +260,11 @@ def summarize_trace(path, steps):
         if thread.get((e["pid"], e["tid"]), "") in streams:
             per_kernel[e["name"]] = per_kernel.get(e["name"], 0.0) + float(e.get("dur", 0))
     total = sum(per_kernel.values())
+    for pid in sorted({e["pid"] for e in gpu}):
+        busy = busy_and_span(e for e in gpu if e["pid"] == pid and thread.get((pid, e["tid"]), "") in streams)
+        if busy:
+            print(f"profile: {process[pid]}: kernels busy {busy[0] / steps / 1e3:.1f} ms of each "
+                  f"{busy[1] / steps / 1e3:.1f} ms step (the rest idle)")
     if not total:
         print("profile: no GPU kernel events found in", path, "threads:", sorted(set(thread.values()))[:20])
         return
@@ -268,6 +276,19 @@ def summarize_trace(path, steps):
         print(f"  {name:28s} {us / steps / 1e3:7.2f} ms/step  {100 * us / total:5.1f}%")
     for name, us in sorted(per_kernel.items(), key=lambda kv: -kv[1])[:25]:
         print(f"    {us / steps / 1e3:6.2f} ms  {name[:110]}")
+
+
+def busy_and_span(events):
+    """(time some kernel runs, time from the first kernel's start to the last one's end), microseconds."""
+    spans = sorted((float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0))) for e in events)
+    if not spans:
+        return None
+    busy, start, end = 0.0, *spans[0]
+    for s, e in spans[1:]:
+        if s > end:
+            busy, start = busy + end - start, s
+        end = max(end, e)
+    return busy + end - start, end - spans[0][0]
 
 
 def shuffled_batches(images, labels, batch_size, seed=0):

@@ -42,7 +42,7 @@ def main():
     parser.add_argument("--model_type", default="resnet-50")
     parser.add_argument("--gpus", type=int, default=1)
     parser.add_argument("--input", default="device", choices=("device", "host"))
-    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--steps", type=int, default=150)
     args = parser.parse_args()
     rows, first = [], None
     with tempfile.TemporaryDirectory() as scratch:
