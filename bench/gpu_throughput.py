@@ -13,7 +13,9 @@ compute ceiling. Runs with KERAS_BACKEND=jax, TensorFlow not needed:
 --input host: the batch lives in host memory and `fit` copies it every step
   (its own one-batch-ahead prefetch), as it does with a tf.data dataset.
 --profile DIR: traces a few steps with the JAX profiler and prints where the
-  device time goes (per kernel class and the largest kernels).
+  device time goes (per kernel class and the largest kernels) and where each
+  device idles (between kernels inside a step, by the kernels either side,
+  or between steps, waiting for the host).
 --digits FILE: instead of timing, trains on the digits sample (an .npz of
   8x8 images and labels) and prints the loss curve: a correctness check.
 """
@@ -261,10 +263,9 @@ def summarize_trace(path, steps):
             per_kernel[e["name"]] = per_kernel.get(e["name"], 0.0) + float(e.get("dur", 0))
     total = sum(per_kernel.values())
     for pid in sorted({e["pid"] for e in gpu}):
-        busy = busy_and_span(e for e in gpu if e["pid"] == pid and thread.get((pid, e["tid"]), "") in streams)
-        if busy:
-            print(f"profile: {process[pid]}: kernels busy {busy[0] / steps / 1e3:.1f} ms of each "
-                  f"{busy[1] / steps / 1e3:.1f} ms step (the rest idle)")
+        kernels = [e for e in gpu if e["pid"] == pid and thread.get((pid, e["tid"]), "") in streams]
+        modules = [e for e in gpu if e["pid"] == pid and "Modules" in thread.get((pid, e["tid"]), "")]
+        print_idle(process[pid], kernels, modules)
     if not total:
         print("profile: no GPU kernel events found in", path, "threads:", sorted(set(thread.values()))[:20])
         return
@@ -276,6 +277,38 @@ def summarize_trace(path, steps):
         print(f"  {name:28s} {us / steps / 1e3:7.2f} ms/step  {100 * us / total:5.1f}%")
     for name, us in sorted(per_kernel.items(), key=lambda kv: -kv[1])[:25]:
         print(f"    {us / steps / 1e3:6.2f} ms  {name[:110]}")
+
+
+def print_idle(device, kernels, modules):
+    """Where a device idles: inside the train step's executions (gaps between its kernels, summed by the
+    kinds of kernel either side) or between them (waiting for the host to start the next one)."""
+    steps = sorted((float(m["ts"]), float(m["ts"]) + float(m["dur"])) for m in modules
+                   if "train" in m["name"] and float(m.get("dur", 0)) > 0)
+    if not steps:
+        busy = busy_and_span(kernels)
+        if busy:
+            print(f"profile: {device}: kernels busy {busy[0] / 1e3:.1f} ms of {busy[1] / 1e3:.1f} ms")
+        return
+    between = [b[0] - a[1] for a, b in zip(steps, steps[1:])]
+    inside, gaps = [], {}
+    for start, end in steps:
+        own = sorted((e for e in kernels if start <= float(e["ts"]) < end), key=lambda e: float(e["ts"]))
+        busy = busy_and_span(own)
+        inside.append((end - start, busy[0] if busy else 0.0))
+        reach, last = start, None
+        for e in own:
+            s = float(e["ts"])
+            if s - reach > 5 and last is not None:  # a gap of over 5 us
+                key = f"{kernel_class(last['name'])} -> {kernel_class(e['name'])}"
+                gaps[key] = gaps.get(key, 0.0) + s - reach
+            if s + float(e.get("dur", 0)) >= reach:
+                reach, last = s + float(e.get("dur", 0)), e
+    n = len(inside)
+    print(f"profile: {device}: {n} train steps, each {sum(d for d, _ in inside) / n / 1e3:.1f} ms on the device, "
+          f"kernels busy {sum(b for _, b in inside) / n / 1e3:.1f} ms of it; between steps "
+          f"{(sum(between) / len(between) / 1e3) if between else 0:.2f} ms idle")
+    for key, us in sorted(gaps.items(), key=lambda kv: -kv[1])[:6]:
+        print(f"  idle inside a step after {key}: {us / n / 1e3:.2f} ms/step")
 
 
 def busy_and_span(events):
