@@ -14,8 +14,7 @@ compute ceiling. Runs with KERAS_BACKEND=jax, TensorFlow not needed:
   (its own one-batch-ahead prefetch), as it does with a tf.data dataset.
 --profile DIR: traces a few steps with the JAX profiler and prints where the
   device time goes (per kernel class and the largest kernels) and where each
-  device idles (between kernels inside a step, by the kernels either side,
-  or between steps, waiting for the host).
+  device idles (the gaps between its kernels, by the kernels either side).
 --digits FILE: instead of timing, trains on the digits sample (an .npz of
   8x8 images and labels) and prints the loss curve: a correctness check.
 """
@@ -263,9 +262,10 @@ def summarize_trace(path, steps):
             per_kernel[e["name"]] = per_kernel.get(e["name"], 0.0) + float(e.get("dur", 0))
     total = sum(per_kernel.values())
     for pid in sorted({e["pid"] for e in gpu}):
-        kernels = [e for e in gpu if e["pid"] == pid and thread.get((pid, e["tid"]), "") in streams]
-        modules = [e for e in gpu if e["pid"] == pid and "Modules" in thread.get((pid, e["tid"]), "")]
-        print_idle(process[pid], kernels, modules)
+        line = {e["tid"]: thread.get((pid, e["tid"]), "") for e in gpu if e["pid"] == pid}
+        computing = {tid for tid, name in line.items() if name in streams and ("Compute" in name or "Memcpy" not in name)}
+        kernels = [e for e in gpu if e["pid"] == pid and e["tid"] in computing]  # not the copy-only streams
+        print_idle(process[pid], kernels, steps)
     if not total:
         print("profile: no GPU kernel events found in", path, "threads:", sorted(set(thread.values()))[:20])
         return
@@ -279,36 +279,27 @@ def summarize_trace(path, steps):
         print(f"    {us / steps / 1e3:6.2f} ms  {name[:110]}")
 
 
-def print_idle(device, kernels, modules):
-    """Where a device idles: inside the train step's executions (gaps between its kernels, summed by the
-    kinds of kernel either side) or between them (waiting for the host to start the next one)."""
-    steps = sorted((float(m["ts"]), float(m["ts"]) + float(m["dur"])) for m in modules
-                   if "train" in m["name"] and float(m.get("dur", 0)) > 0)
-    if not steps:
-        busy = busy_and_span(kernels)
-        if busy:
-            print(f"profile: {device}: kernels busy {busy[0] / 1e3:.1f} ms of {busy[1] / 1e3:.1f} ms")
+def print_idle(device, kernels, steps):
+    """Where a device idles: the gaps between its kernels, summed by the kinds of kernel either side, and
+    the longest ones by name (a step boundary shows as a gap before the step's first convolution)."""
+    reach, last, gaps, pairs = None, None, [], {}
+    for e in sorted(kernels, key=lambda e: float(e["ts"])):
+        start, end = float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0))
+        if last is not None and start - reach > 2:  # gaps under 2 us are launch spacing
+            gaps.append((start - reach, last["name"], e["name"]))
+            key = f"{kernel_class(last['name'])} -> {kernel_class(e['name'])}"
+            pairs[key] = pairs.get(key, 0.0) + start - reach
+        if reach is None or end >= reach:
+            reach, last = end, e
+    busy = busy_and_span(kernels)
+    if not busy:
         return
-    between = [b[0] - a[1] for a, b in zip(steps, steps[1:])]
-    inside, gaps = [], {}
-    for start, end in steps:
-        own = sorted((e for e in kernels if start <= float(e["ts"]) < end), key=lambda e: float(e["ts"]))
-        busy = busy_and_span(own)
-        inside.append((end - start, busy[0] if busy else 0.0))
-        reach, last = start, None
-        for e in own:
-            s = float(e["ts"])
-            if s - reach > 5 and last is not None:  # a gap of over 5 us
-                key = f"{kernel_class(last['name'])} -> {kernel_class(e['name'])}"
-                gaps[key] = gaps.get(key, 0.0) + s - reach
-            if s + float(e.get("dur", 0)) >= reach:
-                reach, last = s + float(e.get("dur", 0)), e
-    n = len(inside)
-    print(f"profile: {device}: {n} train steps, each {sum(d for d, _ in inside) / n / 1e3:.1f} ms on the device, "
-          f"kernels busy {sum(b for _, b in inside) / n / 1e3:.1f} ms of it; between steps "
-          f"{(sum(between) / len(between) / 1e3) if between else 0:.2f} ms idle")
-    for key, us in sorted(gaps.items(), key=lambda kv: -kv[1])[:6]:
-        print(f"  idle inside a step after {key}: {us / n / 1e3:.2f} ms/step")
+    print(f"profile: {device}: kernels busy {busy[0] / steps / 1e3:.1f} ms per step, idle "
+          f"{(busy[1] - busy[0]) / steps / 1e3:.1f} ms between them (from the first kernel to the last)")
+    for key, us in sorted(pairs.items(), key=lambda kv: -kv[1])[:6]:
+        print(f"  idle after {key}: {us / steps / 1e3:.2f} ms/step")
+    for us, before, after in sorted(gaps, reverse=True)[:5]:
+        print(f"  {us / 1e3:.2f} ms idle between {before[:60]} and {after[:60]}")
 
 
 def busy_and_span(events):
