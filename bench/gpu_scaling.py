@@ -11,6 +11,12 @@ call, and records one table (bench/results/gpu-scaling.json):
                  over the global batch, synchronised across the devices
   host, keras    the same batch, placed by fit when its step asks for it
   device         the batch generated on the GPUs once: no copy at all
+  host, trainer, one process per GPU
+                 the trainer with one process per GPU (TF_CONFIG naming them,
+                 as PyTorch DDP runs): each holds its GPU's share of the batch
+                 and fit assembles the global batch when its step asks (the
+                 trainer places batches ahead only within one process); its
+                 one-GPU figure is the first row's
 
 Scaling efficiency = img/s on N GPUs / (N x img/s on one GPU fed the same way).
 --anchor: only the trainer's own path, against timm + torch.compile under
@@ -23,6 +29,7 @@ in a second table (bench/results/gpu-scaling-anchor-MODEL.json).
 import argparse
 import json
 import os
+import socket
 import subprocess
 import sys
 import tempfile
@@ -36,15 +43,42 @@ PATHS = (("host", "trainer", ()), ("host", "trainer", ("--sync_batch_norm",)), (
 TIMM_NAMES = {"resnet-50": "resnet50", "efficientnet-b0": "efficientnet_b0"}
 
 
+def sizes(args):
+    return ["--batch_size", str(args.batch_size), "--image_size", str(args.image_size)]
+
+
 def run(devices, input_path, placement, args, log, extra=()):
     """One gpu_throughput run on the first `devices` GPUs (extra: more of its flags); its JSON result."""
     env = dict(os.environ, CUDA_VISIBLE_DEVICES=",".join(str(i) for i in range(devices)))
     command = [sys.executable, os.path.join(HERE, "gpu_throughput.py"), "--model_type", args.model_type,
                "--steps", str(args.steps), "--input", input_path, "--placement", placement, "--data_parallel",
-               "--json", log, *extra]
+               "--json", log, *sizes(args), *extra]
     finished = subprocess.run(command, env=env, capture_output=True, text=True)
     if finished.returncode:
         sys.exit(f"{' '.join(command)} failed:\n{finished.stderr[-3000:]}")
+    with open(log) as f:
+        return json.loads(f.readlines()[-1])
+
+
+def run_processes(processes, args, log):
+    """The trainer's path with one process per GPU (a TF_CONFIG cluster on this host); the first process's
+    JSON result (it steps with the others, over the global batch)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    addresses = [f"127.0.0.1:{port}"] + [f"127.0.0.1:{port + i}" for i in range(1, processes)]  # the first coordinates
+    command = [sys.executable, os.path.join(HERE, "gpu_throughput.py"), "--model_type", args.model_type,
+               "--steps", str(args.steps), "--input", "host", "--placement", "trainer", "--data_parallel",
+               "--json", log, *sizes(args)]
+    started = []
+    for index in range(processes):
+        env = dict(os.environ, CUDA_VISIBLE_DEVICES=str(index), TF_CONFIG=json.dumps(
+            {"cluster": {"worker": addresses}, "task": {"type": "worker", "index": index}}))
+        started.append(subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+    errors = [p.communicate()[1] for p in started]
+    for process, error in zip(started, errors):
+        if process.returncode:
+            sys.exit(f"{' '.join(command)} (one process per GPU) failed:\n{error[-3000:]}")
     with open(log) as f:
         return json.loads(f.readlines()[-1])
 
@@ -72,6 +106,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model_type", default="resnet-50")
     parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--batch_size", type=int, default=256, help="per GPU")
+    parser.add_argument("--image_size", type=int, default=224)
     parser.add_argument("--anchor", action="store_true", help="the trainer's path against timm DDP instead")
     args = parser.parse_args()
     gpus = gpu_count()
@@ -91,6 +127,12 @@ def main():
                          round(many["img_per_s"]), round(many["step_ms"], 1),
                          f"{100 * many['img_per_s'] / (gpus * one['img_per_s']):.1f}%"])
             print(rows[-1], flush=True)
+        one = rows[0][2]
+        many = run_processes(gpus, args, log)
+        rows.append([args.model_type, "host, trainer, one process per GPU", one, rows[0][3], gpus,
+                     round(many["img_per_s"]), round(many["step_ms"], 1),
+                     f"{100 * many['img_per_s'] / (gpus * one):.1f}%"])
+        print(rows[-1], flush=True)
     results.record(f"gpu-scaling-{args.model_type}", [
         "model", "input", "1 GPU img/s", "step ms", "GPUs", "img/s", "step ms", "scaling efficiency"], rows)
 

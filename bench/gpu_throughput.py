@@ -155,10 +155,16 @@ def inference_images_per_second(model, batch, steps=20):
     return batch.shape[0] * steps / (time.perf_counter() - start)
 
 
+def is_first_process():
+    import jax
+
+    return jax.process_index() == 0
+
+
 def peak_memory_gib():
     import jax
 
-    stats = jax.devices()[0].memory_stats() or {}
+    stats = jax.local_devices()[0].memory_stats() or {}
     return stats.get("peak_bytes_in_use", 0) / 2**30
 
 
@@ -167,7 +173,12 @@ def measure(a):
 
     model = build(a.model_type, a.image_size, a.precision, a.steps_per_execution, bn_moments=a.bn_moments,
                   sync_batch_norm=a.sync_batch_norm)
-    batch = synthetic_batch(a.batch_size, a.image_size, on_device=a.input != "host")
+    # Several processes (TF_CONFIG): each holds its own devices' share of the global batch, as the trainer does.
+    processes = jax.process_count()
+    if processes > 1 and a.input != "host":
+        sys.exit("error: several processes need --input host")
+    batch = synthetic_batch(a.batch_size // processes, a.image_size, on_device=a.input != "host",
+                            seed=jax.process_index())
     if a.input == "sharded" and keras.distribution.distribution() is not None:
         distribution = keras.distribution.distribution()
         batch = tuple(keras.distribution.distribute_tensor(t, distribution.get_data_layout(t.shape)) for t in batch)
@@ -176,7 +187,8 @@ def measure(a):
     epochs = 1 + max(1, a.steps // per_epoch)
     timer = EpochTimer()
     batches = repeat(batch)
-    if a.input == "host" and a.placement == "trainer" and keras.distribution.distribution() is not None:
+    if (a.input == "host" and a.placement == "trainer" and keras.distribution.distribution() is not None
+            and processes == 1):  # several processes: fit assembles the global batch (distribute.training_input)
         from trainer import distribute
 
         batches = distribute.placed_ahead(batches, keras.distribution.distribution())
@@ -376,11 +388,13 @@ def main(argv=None):
     a.devices = 1
     if a.data_parallel:
         from trainer import distribute
-        from trainer.cluster import Cluster
+        from trainer.cluster import cluster_from_env
 
-        _, a.devices = distribute.setup("jax", Cluster((), 0))
+        _, a.devices = distribute.setup("jax", cluster_from_env())  # TF_CONFIG: one process of several
         a.batch_size *= a.devices
     result = digits_check(a) if a.digits else measure(a)
+    if keras.distribution.distribution() is not None and not is_first_process():
+        return result  # the first process reports for all: they step together
     if a.json:
         with open(a.json, "a") as f:
             f.write(json.dumps(result) + "\n")
