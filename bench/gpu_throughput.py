@@ -70,7 +70,9 @@ def parse_args(argv=None):
     p.add_argument("--save", default="", help="digits check: folder for the weights and held-out predictions")
     p.add_argument("--data_parallel", action="store_true",
                    help="the trainer's data-parallel set-up (trainer/distribute.py: keras.distribution DataParallel over "
-                        "every visible device; pick them with CUDA_VISIBLE_DEVICES); --batch_size is then per device")
+                        "every visible device; pick them with CUDA_VISIBLE_DEVICES); --batch_size is then per device. "
+                        "With TF_CONFIG naming several processes, this is one of them (--input host; each process "
+                        "holds its devices' share of the batch; the first reports)")
     p.add_argument("--json", default="", help="append the result as one JSON line to this file")
     return p.parse_args(argv)
 
