@@ -43,16 +43,17 @@ PATHS = (("host", "trainer", ()), ("host", "trainer", ("--sync_batch_norm",)), (
 TIMM_NAMES = {"resnet-50": "resnet50", "efficientnet-b0": "efficientnet_b0"}
 
 
-def sizes(args):
-    return ["--batch_size", str(args.batch_size), "--image_size", str(args.image_size)]
+def throughput_command(input_path, placement, args, log, extra=()):
+    """gpu_throughput's command line for one data-parallel run, appending its JSON result to log."""
+    return [sys.executable, os.path.join(HERE, "gpu_throughput.py"), "--model_type", args.model_type,
+            "--steps", str(args.steps), "--batch_size", str(args.batch_size), "--image_size", str(args.image_size),
+            "--input", input_path, "--placement", placement, "--data_parallel", "--json", log, *extra]
 
 
 def run(devices, input_path, placement, args, log, extra=()):
     """One gpu_throughput run on the first `devices` GPUs (extra: more of its flags); its JSON result."""
     env = dict(os.environ, CUDA_VISIBLE_DEVICES=",".join(str(i) for i in range(devices)))
-    command = [sys.executable, os.path.join(HERE, "gpu_throughput.py"), "--model_type", args.model_type,
-               "--steps", str(args.steps), "--input", input_path, "--placement", placement, "--data_parallel",
-               "--json", log, *sizes(args), *extra]
+    command = throughput_command(input_path, placement, args, log, extra)
     finished = subprocess.run(command, env=env, capture_output=True, text=True)
     if finished.returncode:
         sys.exit(f"{' '.join(command)} failed:\n{finished.stderr[-3000:]}")
@@ -67,9 +68,7 @@ def run_processes(processes, args, log):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     addresses = [f"127.0.0.1:{port}"] + [f"127.0.0.1:{port + i}" for i in range(1, processes)]  # the first coordinates
-    command = [sys.executable, os.path.join(HERE, "gpu_throughput.py"), "--model_type", args.model_type,
-               "--steps", str(args.steps), "--input", "host", "--placement", "trainer", "--data_parallel",
-               "--json", log, *sizes(args)]
+    command = throughput_command("host", "trainer", args, log)
     started = []
     for index in range(processes):
         env = dict(os.environ, CUDA_VISIBLE_DEVICES=str(index), TF_CONFIG=json.dumps(

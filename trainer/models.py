@@ -141,9 +141,8 @@ def _per_device_batch_norm(layer, shards, inputs, training=None, mask=None):
         return type(layer).call(layer, inputs, training=training, mask=mask)
     ops = keras.ops
     x = ops.reshape(ops.cast(inputs, "float32"), (shards, batch // shards, *inputs.shape[1:]))
-    axes = tuple(range(1, len(x.shape) - 1))  # a device's images and positions: not the device, not the channel
-    mean = ops.mean(x, axis=axes, keepdims=True)
-    variance = ops.maximum(ops.mean(ops.square(x), axis=axes, keepdims=True) - ops.square(mean), 0.0)
+    # a device's images and positions: not the device, not the channel
+    mean, variance = _mean_and_variance(x, tuple(range(1, len(x.shape) - 1)), keepdims=True)
     momentum = layer.momentum
     layer.moving_mean.assign(layer.moving_mean * momentum + ops.reshape(ops.mean(mean, axis=0), [-1]) * (1 - momentum))
     layer.moving_variance.assign(
@@ -166,9 +165,13 @@ def _one_pass_moments(layer, inputs, mask):
     """
     if mask is not None:
         return type(layer)._moments(layer, inputs, mask)
-    axes = layer._reduction_axes
-    mean = keras.ops.mean(inputs, axis=axes)
-    mean_of_squares = keras.ops.mean(keras.ops.square(inputs), axis=axes)
+    return _mean_and_variance(inputs, layer._reduction_axes)
+
+
+def _mean_and_variance(x, axes, keepdims=False):
+    """Mean and variance of x over axes as E[x] and E[x^2] - E[x]^2, clamped at 0 against rounding."""
+    mean = keras.ops.mean(x, axis=axes, keepdims=keepdims)
+    mean_of_squares = keras.ops.mean(keras.ops.square(x), axis=axes, keepdims=keepdims)
     return mean, keras.ops.maximum(mean_of_squares - keras.ops.square(mean), 0.0)
 
 
