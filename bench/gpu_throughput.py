@@ -48,8 +48,8 @@ def parse_args(argv=None):
     p.add_argument("--batch_size", type=int, default=256)
     p.add_argument("--image_size", type=int, default=224)
     p.add_argument("--precision", default="mixed_bfloat16", choices=("float32", "mixed_bfloat16", "mixed_float16"))
-    p.add_argument("--steps", type=int, default=30, help="timed steps (after the warm-up epoch)")
-    p.add_argument("--warmup_steps", type=int, default=5, help="steps of the first, untimed epoch")
+    p.add_argument("--steps", type=int, default=30, help="timed steps, one epoch after the warm-up epoch")
+    p.add_argument("--warmup_steps", type=int, default=5, help="steps of the first, untimed epoch (compiles)")
     p.add_argument("--steps_per_execution", type=int, default=1)
     p.add_argument("--bn_moments", default="auto", choices=("auto", "keras", "one_pass"),
                    help="keras: Keras' two-pass variance; auto: what build_model does by default")
@@ -185,20 +185,22 @@ def measure(a):
         distribution = keras.distribution.distribution()
         batch = tuple(keras.distribution.distribute_tensor(t, distribution.get_data_layout(t.shape)) for t in batch)
     spe = a.steps_per_execution
-    per_epoch = max(spe, a.warmup_steps // spe * spe)
-    epochs = 1 + max(1, a.steps // per_epoch)
-    timer = EpochTimer()
+    warmup, steps = (max(spe, -(-n // spe) * spe) for n in (a.warmup_steps, a.steps))  # whole executions
     batches = repeat(batch)
     if (a.input == "host" and a.placement == "trainer" and keras.distribution.distribution() is not None
             and processes == 1):  # several processes: fit assembles the global batch (distribute.training_input)
         from trainer import distribute
 
         batches = distribute.placed_ahead(batches, keras.distribution.distribution())
+    # One untimed epoch that compiles, then the timed steps as one epoch: Keras waits for the device at
+    # an epoch's end, so shorter epochs would drain the GPU every few steps (the trainer waits only at
+    # a progress line; the anchors time their steps in one stretch too).
     compile_start = time.perf_counter()
-    model.fit(batches, steps_per_epoch=per_epoch, epochs=epochs, verbose=0, callbacks=[timer])
-    first_epoch = timer.ends[0] - compile_start
-    timed = sum(e - s for s, e in zip(timer.starts[1:], timer.ends[1:]))
-    steps = per_epoch * (epochs - 1)
+    model.fit(batches, steps_per_epoch=warmup, epochs=1, verbose=0)
+    first_epoch = time.perf_counter() - compile_start
+    timer = EpochTimer()
+    model.fit(batches, steps_per_epoch=steps, epochs=1, verbose=0, callbacks=[timer])
+    timed = timer.ends[0] - timer.starts[0]
     result = {
         "model_type": a.model_type, "batch_size": a.batch_size, "devices": a.devices, "precision": a.precision,
         "input": a.input, "placement": a.placement, "sync_batch_norm": a.sync_batch_norm,
