@@ -7,7 +7,7 @@ step in timm + torch.compile, no DDP wrapper, images on the GPU), and records
 bench/results/gpu-vs-timm-MODEL.json. The ratio compares the two runs with
 the images on the GPU; both figures come from the same call, as ratios must.
 
-    KERAS_BACKEND=jax python bench/gpu_vs_timm.py --model_type resnet-50 [--steps 30] [--inference]
+    KERAS_BACKEND=jax python bench/gpu_vs_timm.py --model_type resnet-50 [--steps 150] [--inference]
 
 Each model takes a call of its own: torch.compile of one model and our two
 runs take about five minutes.
@@ -27,7 +27,8 @@ from bench import gpu_scaling, results  # noqa: E402  (found through the path ab
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model_type", default="resnet-50", choices=sorted(gpu_scaling.TIMM_NAMES))
-    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--steps", type=int, default=150)
+    parser.set_defaults(batch_size=256, image_size=224)  # what the timm anchor runs
     parser.add_argument("--inference", action="store_true", help="also time our forward pass")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as scratch:
