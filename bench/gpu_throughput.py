@@ -48,7 +48,7 @@ def parse_args(argv=None):
     p.add_argument("--batch_size", type=int, default=256)
     p.add_argument("--image_size", type=int, default=224)
     p.add_argument("--precision", default="mixed_bfloat16", choices=("float32", "mixed_bfloat16", "mixed_float16"))
-    p.add_argument("--steps", type=int, default=30, help="timed steps, one epoch after the warm-up epoch")
+    p.add_argument("--steps", type=int, default=150, help="timed steps, one epoch after the warm-up epoch")
     p.add_argument("--warmup_steps", type=int, default=5, help="steps of the first, untimed epoch (compiles)")
     p.add_argument("--steps_per_execution", type=int, default=1)
     p.add_argument("--bn_moments", default="auto", choices=("auto", "keras", "one_pass"),
