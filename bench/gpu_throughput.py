@@ -302,7 +302,7 @@ def print_idle(device, kernels, steps):
     for e in sorted(kernels, key=lambda e: float(e["ts"])):
         start, end = float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0))
         if last is not None and start - reach > 2:  # gaps under 2 us are launch spacing
-            gaps.append((start - reach, last["name"], e["name"]))
+            gaps.append((start - reach, describe(last), describe(e)))
             key = f"{kernel_class(last['name'])} -> {kernel_class(e['name'])}"
             pairs[key] = pairs.get(key, 0.0) + start - reach
         if reach is None or end >= reach:
@@ -315,7 +315,15 @@ def print_idle(device, kernels, steps):
     for key, us in sorted(pairs.items(), key=lambda kv: -kv[1])[:6]:
         print(f"  idle after {key}: {us / steps / 1e3:.2f} ms/step")
     for us, before, after in sorted(gaps, reverse=True)[:5]:
-        print(f"  {us / 1e3:.2f} ms idle between {before[:60]} and {after[:60]}")
+        print(f"  {us / 1e3:.2f} ms idle between {before} and {after}")
+
+
+def describe(event):
+    """A trace event's name, with the XLA instruction it runs and the bytes it copies when the trace says."""
+    args = event.get("args", {})
+    details = [args[k] for k in ("hlo_op", "hlo_module") if args.get(k)]
+    details += [d for d in str(args.get("memcpy_details", "")).split() if d.startswith(("num_bytes", "kind_"))]
+    return event["name"][:60] + (f" ({', '.join(map(str, details))})" if details else "")
 
 
 def busy_and_span(events):
