@@ -9,8 +9,10 @@ the images on the GPU; both figures come from the same call, as ratios must.
 
     KERAS_BACKEND=jax python bench/gpu_vs_timm.py --model_type resnet-50 [--steps 150] [--inference]
 
-Each model takes a call of its own: torch.compile of one model and our two
-runs take about five minutes.
+Each model takes a call of its own: ResNet-50 about four minutes (our two
+runs, then torch.compile and timm's steps); EfficientNet-B0 longer, since
+torch.compile of it alone takes minutes (a 320 s call ended before timm
+finished): give it the whole 600 s of a call.
 """
 
 import argparse
