@@ -55,6 +55,9 @@ def parse_args(argv=None):
                    help="keras: Keras' two-pass variance; auto: what build_model does by default")
     p.add_argument("--sync_batch_norm", action="store_true",
                    help="the trainer's --sync_batch_norm: statistics over the global batch, not each device's share")
+    p.add_argument("--frozen_moving_stats", action="store_true",
+                   help="diagnostic, not a trainer setting: batch norm never updates its moving mean and variance, "
+                        "so over several devices the step has no cross-device mean of them to compute")
     p.add_argument("--input", default="device", choices=("device", "host", "sharded"),
                    help="sharded: as device, but the batch already split over the devices the way the "
                         "distribution splits it (no per-step resharding)")
@@ -95,16 +98,33 @@ def repeat(batch):
 
 
 def build(model_type, image_size, precision, steps_per_execution, num_classes=NUM_CLASSES, learning_rate=0.1, bn_moments="auto",
-          sync_batch_norm=False):
+          sync_batch_norm=False, frozen_moving_stats=False):
     keras.mixed_precision.set_dtype_policy(precision)
     one_pass = {"auto": None, "keras": False, "one_pass": True}[bn_moments]
     model = models.build_model(model_type, num_classes, image_size, weight_decay=1e-4, seed=0, one_pass_moments=one_pass)
     if sync_batch_norm:  # the trainer's --sync_batch_norm
         models.set_synchronized_batch_norm(model)
+    if frozen_moving_stats:
+        for layer in models._all_layers(model):
+            if isinstance(layer, keras.layers.BatchNormalization):
+                layer.call = keeping_moving_stats(layer, layer.call)
     optimizer = models.make_optimizer("momentum", learning_rate)
     loss = CLASSIFICATION.loss(types.SimpleNamespace(label_smoothing=0.1))
     models.compile_model(model, optimizer, loss, steps_per_execution=steps_per_execution)
     return model
+
+
+def keeping_moving_stats(layer, call):
+    """layer's call, with its moving mean and variance put back as they were: the step computes no update of them."""
+
+    def frozen(*args, **kwargs):
+        before = [(v, v.value) for v in (layer.moving_mean, layer.moving_variance)]
+        outputs = call(*args, **kwargs)
+        for variable, value in before:
+            variable.assign(value)
+        return outputs
+
+    return frozen
 
 
 class EpochTimer(keras.callbacks.Callback):
@@ -174,7 +194,7 @@ def measure(a):
     import jax
 
     model = build(a.model_type, a.image_size, a.precision, a.steps_per_execution, bn_moments=a.bn_moments,
-                  sync_batch_norm=a.sync_batch_norm)
+                  sync_batch_norm=a.sync_batch_norm, frozen_moving_stats=a.frozen_moving_stats)
     # Several processes (TF_CONFIG): each holds its own devices' share of the global batch, as the trainer does.
     processes = jax.process_count()
     if processes > 1 and a.input != "host":
@@ -204,6 +224,7 @@ def measure(a):
     result = {
         "model_type": a.model_type, "batch_size": a.batch_size, "devices": a.devices, "precision": a.precision,
         "input": a.input, "placement": a.placement, "sync_batch_norm": a.sync_batch_norm,
+        "frozen_moving_stats": a.frozen_moving_stats,
         "steps_per_execution": spe, "bn_moments": a.bn_moments, "device": jax.devices()[0].device_kind,
         "img_per_s": a.batch_size * steps / timed, "step_ms": 1e3 * timed / steps,
         "first_epoch_s": first_epoch, "peak_mem_gib": peak_memory_gib(), "last_loss": float(timer.loss),
