@@ -53,6 +53,9 @@ def parse_args(argv=None):
     p.add_argument("--steps_per_execution", type=int, default=1)
     p.add_argument("--bn_moments", default="auto", choices=("auto", "keras", "one_pass"),
                    help="keras: Keras' two-pass variance; auto: what build_model does by default")
+    p.add_argument("--max_pool", default="auto", choices=("auto", "keras", "indexed"),
+                   help="keras: Keras' max pool, differentiated by XLA's select-and-scatter; auto: what build_model "
+                        "does by default (indexed on JAX: models._indexed_max_pool)")
     p.add_argument("--sync_batch_norm", action="store_true",
                    help="the trainer's --sync_batch_norm: statistics over the global batch, not each device's share")
     p.add_argument("--frozen_moving_stats", action="store_true",
@@ -98,10 +101,12 @@ def repeat(batch):
 
 
 def build(model_type, image_size, precision, steps_per_execution, num_classes=NUM_CLASSES, learning_rate=0.1, bn_moments="auto",
-          sync_batch_norm=False, frozen_moving_stats=False):
+          sync_batch_norm=False, frozen_moving_stats=False, max_pool="auto"):
     keras.mixed_precision.set_dtype_policy(precision)
     one_pass = {"auto": None, "keras": False, "one_pass": True}[bn_moments]
-    model = models.build_model(model_type, num_classes, image_size, weight_decay=1e-4, seed=0, one_pass_moments=one_pass)
+    indexed = {"auto": None, "keras": False, "indexed": True}[max_pool]
+    model = models.build_model(model_type, num_classes, image_size, weight_decay=1e-4, seed=0, one_pass_moments=one_pass,
+                               indexed_max_pool=indexed)
     if sync_batch_norm:  # the trainer's --sync_batch_norm
         models.set_synchronized_batch_norm(model)
     if frozen_moving_stats:
@@ -194,7 +199,7 @@ def measure(a):
     import jax
 
     model = build(a.model_type, a.image_size, a.precision, a.steps_per_execution, bn_moments=a.bn_moments,
-                  sync_batch_norm=a.sync_batch_norm, frozen_moving_stats=a.frozen_moving_stats)
+                  sync_batch_norm=a.sync_batch_norm, frozen_moving_stats=a.frozen_moving_stats, max_pool=a.max_pool)
     # Several processes (TF_CONFIG): each holds its own devices' share of the global batch, as the trainer does.
     processes = jax.process_count()
     if processes > 1 and a.input != "host":
@@ -224,7 +229,7 @@ def measure(a):
     result = {
         "model_type": a.model_type, "batch_size": a.batch_size, "devices": a.devices, "precision": a.precision,
         "input": a.input, "placement": a.placement, "sync_batch_norm": a.sync_batch_norm,
-        "frozen_moving_stats": a.frozen_moving_stats,
+        "frozen_moving_stats": a.frozen_moving_stats, "max_pool": a.max_pool,
         "steps_per_execution": spe, "bn_moments": a.bn_moments, "device": jax.devices()[0].device_kind,
         "img_per_s": a.batch_size * steps / timed, "step_ms": 1e3 * timed / steps,
         "first_epoch_s": first_epoch, "peak_mem_gib": peak_memory_gib(), "last_loss": float(timer.loss),
@@ -383,7 +388,8 @@ def digits_check(a):
     labels = data["labels"]
     train, held_out = slice(0, len(labels) - 360), slice(len(labels) - 360, None)
     keras.utils.set_random_seed(0)
-    model = build(a.model_type, 32, a.precision, 1, num_classes=10, learning_rate=a.digits_lr, bn_moments=a.bn_moments)
+    model = build(a.model_type, 32, a.precision, 1, num_classes=10, learning_rate=a.digits_lr, bn_moments=a.bn_moments,
+                  max_pool=a.max_pool)
     blocks = a.digits_steps // 10
     history = model.fit(shuffled_batches(images[train], np.eye(10, dtype="float32")[labels[train]], 64),
                         epochs=blocks, steps_per_epoch=10, verbose=0)

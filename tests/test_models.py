@@ -7,6 +7,7 @@ import tensorflow as tf
 from trainer import models
 from trainer.backbones import BACKBONES
 from trainer.cli import UserError
+from tests.conftest import run_on_jax_devices
 
 LARGE = {"resnet-101", "resnet-152", "resnet-200", "efficientnet-b4", "efficientnet-b5", "efficientnet-b6", "efficientnet-b7",
          "swin-small", "swin-base"}
@@ -73,3 +74,41 @@ def test_one_pass_batch_norm_statistics_match_keras_two_pass():
         model = models.build_model("resnet-18", num_classes=3, image_size=32, seed=5, one_pass_moments=one_pass)
         outputs.append(model(images, training=True).numpy())
     np.testing.assert_allclose(outputs[1], outputs[0], rtol=1e-4, atol=1e-4)
+
+
+INDEXED_MAX_POOL = """
+import functools, json
+import jax, jax.numpy as jnp, keras, numpy as np
+from trainer import models
+
+rng = np.random.default_rng(0)
+pools = []
+for pool, strides, padding, shape in [((3, 3), (2, 2), "valid", (2, 13, 13, 3)), ((3, 3), (2, 2), "same", (2, 12, 11, 2)),
+                                      ((2, 2), None, "valid", (1, 8, 9, 2)), ((3, 2), (1, 2), "same", (2, 7, 8, 1))]:
+    layer = keras.layers.MaxPooling2D(pool, strides=strides, padding=padding)
+    x = jnp.asarray(rng.integers(0, 3, shape).astype("float32"))  # values 0-2: most windows hold equal maxima
+    keras_pool, indexed = (lambda t: layer.call(t)), functools.partial(models._indexed_max_pool, layer)
+    dy = rng.integers(-4, 5, keras_pool(x).shape).astype("float32")
+    (y0, back0), (y1, back1) = jax.vjp(keras_pool, x), jax.vjp(indexed, x)
+    pools.append([bool(np.array_equal(y0, y1)), bool(np.array_equal(back0(dy)[0], back1(dy)[0]))])
+
+# the whole ResNet: build_model uses the indexed pool on JAX, and one step's gradients do not move
+images = rng.integers(0, 255, size=(4, 32, 32, 3), dtype=np.uint8)
+grads = []
+for indexed in (False, True):
+    model = models.build_model("resnet-18", num_classes=3, image_size=32, seed=5, indexed_max_pool=indexed)
+    def loss(values):
+        logits, _ = model.stateless_call(values, model.non_trainable_variables, images, training=True)
+        return jnp.sum(logits ** 2)
+    grads.append(jax.grad(loss)([v.value for v in model.trainable_variables]))
+gap = max(float(jnp.max(jnp.abs(a - b)) / (float(jnp.max(jnp.abs(a))) + 1e-12)) for a, b in zip(*grads))
+print(json.dumps({"pools": pools, "resnet_relative_gap": gap}))
+"""
+
+
+def test_max_pool_gradient_through_indices_is_keras_own_even_on_ties():
+    # The JAX step differentiates max pooling through each window's argmax (faster on GPU and CPU);
+    # outputs and gradients must be exactly what Keras' pool gives, including which of equal maxima wins.
+    result = run_on_jax_devices(INDEXED_MAX_POOL, devices=1)
+    assert result["pools"] == [[True, True]] * 4
+    assert result["resnet_relative_gap"] < 1e-5
