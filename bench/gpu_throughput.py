@@ -14,7 +14,9 @@ compute ceiling. Runs with KERAS_BACKEND=jax, TensorFlow not needed:
   (its own one-batch-ahead prefetch), as it does with a tf.data dataset.
 --profile DIR: traces a few steps with the JAX profiler and prints where the
   device time goes (per kernel class and the largest kernels) and where each
-  device idles (the gaps between its kernels, by the kernels either side).
+  device idles (the gaps between its kernels, by the kernels either side),
+  counting only the training step's own kernels; then each device's kernels
+  per step and what runs after the step's last convolution or matmul.
 --digits FILE: instead of timing, trains on the digits sample (an .npz of
   8x8 images and labels) and prints the loss curve: a correctness check.
 """
@@ -303,11 +305,16 @@ def summarize_trace(path, steps):
         if thread.get((e["pid"], e["tid"]), "") in streams:
             per_kernel[e["name"]] = per_kernel.get(e["name"], 0.0) + float(e.get("dur", 0))
     total = sum(per_kernel.values())
+    # Only the training step's own kernels where the trace names their program: fit also runs small
+    # programs of its own (resetting its metrics as it starts), which are not part of a step.
+    if any(e.get("args", {}).get("hlo_module") for e in gpu):
+        gpu = [e for e in gpu if e.get("args", {}).get("hlo_module") in ("jit_train_step", "jit_multi_train_steps")]
     for pid in sorted({e["pid"] for e in gpu}):
         line = {e["tid"]: thread.get((pid, e["tid"]), "") for e in gpu if e["pid"] == pid}
         computing = {tid for tid, name in line.items() if name in streams and ("Compute" in name or "Memcpy" not in name)}
         kernels = [e for e in gpu if e["pid"] == pid and e["tid"] in computing]  # not the copy-only streams
         print_idle(process[pid], kernels, steps)
+        print_tail(kernels, steps)
     if not total:
         print("profile: no GPU kernel events found in", path, "threads:", sorted(set(thread.values()))[:20])
         return
@@ -342,6 +349,33 @@ def print_idle(device, kernels, steps):
         print(f"  idle after {key}: {us / steps / 1e3:.2f} ms/step")
     for us, before, after in sorted(gaps, reverse=True)[:5]:
         print(f"  {us / 1e3:.2f} ms idle between {before} and {after}")
+
+
+def print_tail(kernels, steps):
+    """Kernels per step, and what runs after each step's last convolution or matmul: the optimizer's updates,
+    and over several devices whatever waits for the last all-reduce. A step's kernels are the same each
+    time, so the trace's kernels are cut into `steps` equal runs."""
+    ordered = sorted(kernels, key=lambda e: float(e["ts"]))
+    per_step = len(ordered) // steps
+    if not per_step:
+        return
+    count, span, classes = 0, 0.0, {}
+    for n in range(steps):
+        step = ordered[n * per_step:(n + 1) * per_step]
+        library = [i for i, e in enumerate(step) if kernel_class(e["name"]).startswith("conv")]
+        if not library:
+            return
+        tail = step[library[-1] + 1:]
+        count += len(tail)
+        if tail:
+            span += max(float(e["ts"]) + float(e.get("dur", 0)) for e in tail) - (
+                float(step[library[-1]]["ts"]) + float(step[library[-1]].get("dur", 0)))
+        for e in tail:
+            name = e["name"].split(".")[0].rstrip("_0123456789") or e["name"]
+            classes[name] = classes.get(name, 0) + 1
+    top = ", ".join(f"{n / steps:.0f} {name}" for name, n in sorted(classes.items(), key=lambda kv: -kv[1])[:4])
+    print(f"  {per_step} kernels per step; after its last convolution or matmul {count / steps:.0f} kernels "
+          f"in {span / steps / 1e3:.2f} ms ({top})")
 
 
 def describe(event):
