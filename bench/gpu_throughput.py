@@ -300,15 +300,15 @@ def summarize_trace(path, steps):
     print("profile: GPU lines", sorted(names))
     # Derived lines (XLA Ops, XLA Modules, Steps) repeat the kernels' time.
     streams = {n for n in names if n.startswith("Stream")} or {n for n in names if "XLA" not in n and "Step" not in n}
+    # Only the training step's own kernels where the trace names their program: fit also runs small
+    # programs of its own (resetting its metrics as it starts), which are not part of a step.
+    if any(e.get("args", {}).get("hlo_module") for e in gpu):
+        gpu = [e for e in gpu if e.get("args", {}).get("hlo_module") in ("jit_train_step", "jit_multi_train_steps")]
     per_kernel = {}
     for e in gpu:
         if thread.get((e["pid"], e["tid"]), "") in streams:
             per_kernel[e["name"]] = per_kernel.get(e["name"], 0.0) + float(e.get("dur", 0))
     total = sum(per_kernel.values())
-    # Only the training step's own kernels where the trace names their program: fit also runs small
-    # programs of its own (resetting its metrics as it starts), which are not part of a step.
-    if any(e.get("args", {}).get("hlo_module") for e in gpu):
-        gpu = [e for e in gpu if e.get("args", {}).get("hlo_module") in ("jit_train_step", "jit_multi_train_steps")]
     for pid in sorted({e["pid"] for e in gpu}):
         line = {e["tid"]: thread.get((pid, e["tid"]), "") for e in gpu if e["pid"] == pid}
         computing = {tid for tid, name in line.items() if name in streams and ("Compute" in name or "Memcpy" not in name)}
