@@ -58,6 +58,8 @@ def parse_args(argv=None):
     p.add_argument("--max_pool", default="auto", choices=("auto", "keras", "indexed"),
                    help="keras: Keras' max pool, differentiated by XLA's select-and-scatter; auto: what build_model "
                         "does by default (indexed on JAX: models._indexed_max_pool)")
+    p.add_argument("--stem", default="keras", choices=("keras", "space_to_depth"),
+                   help="space_to_depth: models.build_model(space_to_depth_stem=True), being measured")
     p.add_argument("--sync_batch_norm", action="store_true",
                    help="the trainer's --sync_batch_norm: statistics over the global batch, not each device's share")
     p.add_argument("--frozen_moving_stats", action="store_true",
@@ -103,12 +105,12 @@ def repeat(batch):
 
 
 def build(model_type, image_size, precision, steps_per_execution, num_classes=NUM_CLASSES, learning_rate=0.1, bn_moments="auto",
-          sync_batch_norm=False, frozen_moving_stats=False, max_pool="auto"):
+          sync_batch_norm=False, frozen_moving_stats=False, max_pool="auto", stem="keras"):
     keras.mixed_precision.set_dtype_policy(precision)
     one_pass = {"auto": None, "keras": False, "one_pass": True}[bn_moments]
     indexed = {"auto": None, "keras": False, "indexed": True}[max_pool]
     model = models.build_model(model_type, num_classes, image_size, weight_decay=1e-4, seed=0, one_pass_moments=one_pass,
-                               indexed_max_pool=indexed)
+                               indexed_max_pool=indexed, space_to_depth_stem=stem == "space_to_depth")
     if sync_batch_norm:  # the trainer's --sync_batch_norm
         models.set_synchronized_batch_norm(model)
     if frozen_moving_stats:
@@ -201,7 +203,8 @@ def measure(a):
     import jax
 
     model = build(a.model_type, a.image_size, a.precision, a.steps_per_execution, bn_moments=a.bn_moments,
-                  sync_batch_norm=a.sync_batch_norm, frozen_moving_stats=a.frozen_moving_stats, max_pool=a.max_pool)
+                  sync_batch_norm=a.sync_batch_norm, frozen_moving_stats=a.frozen_moving_stats, max_pool=a.max_pool,
+                  stem=a.stem)
     # Several processes (TF_CONFIG): each holds its own devices' share of the global batch, as the trainer does.
     processes = jax.process_count()
     if processes > 1 and a.input != "host":
@@ -231,7 +234,7 @@ def measure(a):
     result = {
         "model_type": a.model_type, "batch_size": a.batch_size, "devices": a.devices, "precision": a.precision,
         "input": a.input, "placement": a.placement, "sync_batch_norm": a.sync_batch_norm,
-        "frozen_moving_stats": a.frozen_moving_stats, "max_pool": a.max_pool,
+        "frozen_moving_stats": a.frozen_moving_stats, "max_pool": a.max_pool, "stem": a.stem,
         "steps_per_execution": spe, "bn_moments": a.bn_moments, "device": jax.devices()[0].device_kind,
         "img_per_s": a.batch_size * steps / timed, "step_ms": 1e3 * timed / steps,
         "first_epoch_s": first_epoch, "peak_mem_gib": peak_memory_gib(), "last_loss": float(timer.loss),
@@ -423,7 +426,7 @@ def digits_check(a):
     train, held_out = slice(0, len(labels) - 360), slice(len(labels) - 360, None)
     keras.utils.set_random_seed(0)
     model = build(a.model_type, 32, a.precision, 1, num_classes=10, learning_rate=a.digits_lr, bn_moments=a.bn_moments,
-                  max_pool=a.max_pool)
+                  max_pool=a.max_pool, stem=a.stem)
     blocks = a.digits_steps // 10
     history = model.fit(shuffled_batches(images[train], np.eye(10, dtype="float32")[labels[train]], 64),
                         epochs=blocks, steps_per_epoch=10, verbose=0)

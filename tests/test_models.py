@@ -112,3 +112,30 @@ def test_max_pool_gradient_through_indices_is_keras_own_even_on_ties():
     result = run_on_jax_devices(INDEXED_MAX_POOL, devices=1)
     assert result["pools"] == [[True, True]] * 4
     assert result["resnet_relative_gap"] < 1e-5
+
+
+SPACE_TO_DEPTH = """
+import json
+import jax, jax.numpy as jnp, numpy as np
+from trainer import models
+
+images = np.random.default_rng(0).integers(0, 255, size=(4, 64, 64, 3), dtype=np.uint8)
+results = []
+for stem in (False, True):
+    model = models.build_model("resnet-18", num_classes=3, image_size=64, seed=5, space_to_depth_stem=stem)
+    def loss(values):
+        logits, _ = model.stateless_call(values, model.non_trainable_variables, images, training=True)
+        return jnp.sum(logits ** 2), logits
+    results.append(jax.grad(loss, has_aux=True)([v.value for v in model.trainable_variables]))
+rearranged = [layer.name for layer in models._all_layers(model)
+              if getattr(vars(layer).get("call"), "func", None) is models._space_to_depth_conv]
+(grads0, logits0), (grads1, logits1) = results
+gap = max(float(jnp.max(jnp.abs(a - b)) / (float(jnp.max(jnp.abs(a))) + 1e-12)) for a, b in zip(grads0, grads1))
+print(json.dumps({"rearranged": rearranged, "logits_gap": float(jnp.max(jnp.abs(logits0 - logits1))), "grad_gap": gap}))
+"""
+
+
+def test_space_to_depth_stem_computes_the_same_step():
+    result = run_on_jax_devices(SPACE_TO_DEPTH, devices=1)
+    assert result["rearranged"] == ["conv1_conv"]  # the stem, and only it
+    assert result["logits_gap"] < 1e-4 and result["grad_gap"] < 1e-4

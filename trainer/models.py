@@ -83,7 +83,7 @@ def backbone_builder(model_type):
 
 
 def build_model(model_type, num_classes, image_size, weight_decay=0.0, seed=None, one_pass_moments=None,
-                imagenet=False, head=None, indexed_max_pool=None):
+                imagenet=False, head=None, indexed_max_pool=None, space_to_depth_stem=False):
     """uint8 [B, S, S, 3] -> float32 logits [B, num_classes].
 
     head: the task's (tasks.py), (features, num_classes) -> logits; the classifier's dense layer when None.
@@ -95,6 +95,8 @@ def build_model(model_type, num_classes, image_size, weight_decay=0.0, seed=None
     also takes each device's statistics (_per_device_batch_norm).
     indexed_max_pool: max pooling differentiated through the index of each
     window's maximum (_indexed_max_pool); None means on with the JAX backend only.
+    space_to_depth_stem: (JAX; being measured) strided convolutions over at most
+    four channels run as stride-1 convolutions over blocks of pixels (_space_to_depth_conv).
     """
     if seed is not None:
         keras.utils.set_random_seed(seed)
@@ -121,6 +123,12 @@ def build_model(model_type, num_classes, image_size, weight_decay=0.0, seed=None
         for layer in _all_layers(model):
             if isinstance(layer, keras.layers.MaxPooling2D) and layer.data_format == "channels_last":
                 layer.call = functools.partial(_indexed_max_pool, layer)
+    if space_to_depth_stem:
+        for layer in _all_layers(model):
+            if (type(layer) is keras.layers.Conv2D and layer.padding == "valid" and layer.data_format == "channels_last"
+                    and layer.strides[0] == layer.strides[1] > 1 and layer.dilation_rate == (1, 1)
+                    and layer.groups == 1 and layer.kernel.shape[2] <= 4):
+                layer.call = functools.partial(_space_to_depth_conv, layer)
     return model
 
 
@@ -218,6 +226,31 @@ def _indexed_max_pool(layer, inputs):
 
     pool.defvjp(maximum_and_index, backward)  # the forward pass keeps the index for the backward
     return pool(x)
+
+
+def _space_to_depth_conv(layer, inputs):
+    """A Conv2D layer with stride s > 1 over few channels (a ResNet's stem: 7x7, stride 2, 3 channels), as a
+    stride-1 convolution over s x s blocks of pixels folded into channels, with the kernel rearranged to
+    match: the same sums, over s^2 times the channels, which the GPU's convolution kernels run far faster.
+    """
+    import jax.numpy as jnp
+
+    s = layer.strides[0]
+    kh, kw, channels, filters = layer.kernel.shape
+    _, height, width, _ = inputs.shape
+    rows, cols = (height - kh) // s + 1, (width - kw) // s + 1
+    x = jnp.pad(inputs, [(0, 0), (0, -height % s), (0, -width % s), (0, 0)])
+    n, h, w, c = x.shape
+    x = x.reshape(n, h // s, s, w // s, s, c).transpose(0, 1, 3, 2, 4, 5).reshape(n, h // s, w // s, s * s * c)
+    kernel = jnp.pad(layer.kernel.value, [(0, -kh % s), (0, -kw % s), (0, 0), (0, 0)])
+    bh, bw = kernel.shape[0] // s, kernel.shape[1] // s
+    kernel = kernel.reshape(bh, s, bw, s, channels, filters).transpose(0, 2, 1, 3, 4, 5).reshape(
+        bh, bw, s * s * channels, filters)
+    outputs = keras.ops.conv(x, keras.ops.cast(kernel, layer.compute_dtype), strides=1, padding="valid")
+    outputs = outputs[:, :rows, :cols, :]
+    if layer.use_bias:
+        outputs = outputs + keras.ops.cast(layer.bias, layer.compute_dtype)
+    return layer.activation(outputs) if layer.activation is not None else outputs
 
 
 def _same_padding(size, window, stride):
