@@ -58,8 +58,9 @@ def parse_args(argv=None):
     p.add_argument("--max_pool", default="auto", choices=("auto", "keras", "indexed"),
                    help="keras: Keras' max pool, differentiated by XLA's select-and-scatter; auto: what build_model "
                         "does by default (indexed on JAX: models._indexed_max_pool)")
-    p.add_argument("--stem", default="keras", choices=("keras", "space_to_depth"),
-                   help="space_to_depth: models.build_model(space_to_depth_stem=True), being measured")
+    p.add_argument("--stem", default="auto", choices=("auto", "keras", "space_to_depth"),
+                   help="keras: Keras' strided stem convolution; auto: what build_model does by default "
+                        "(space_to_depth on JAX: models._space_to_depth_conv)")
     p.add_argument("--sync_batch_norm", action="store_true",
                    help="the trainer's --sync_batch_norm: statistics over the global batch, not each device's share")
     p.add_argument("--frozen_moving_stats", action="store_true",
@@ -105,12 +106,12 @@ def repeat(batch):
 
 
 def build(model_type, image_size, precision, steps_per_execution, num_classes=NUM_CLASSES, learning_rate=0.1, bn_moments="auto",
-          sync_batch_norm=False, frozen_moving_stats=False, max_pool="auto", stem="keras"):
+          sync_batch_norm=False, frozen_moving_stats=False, max_pool="auto", stem="auto"):
     keras.mixed_precision.set_dtype_policy(precision)
     one_pass = {"auto": None, "keras": False, "one_pass": True}[bn_moments]
     indexed = {"auto": None, "keras": False, "indexed": True}[max_pool]
     model = models.build_model(model_type, num_classes, image_size, weight_decay=1e-4, seed=0, one_pass_moments=one_pass,
-                               indexed_max_pool=indexed, space_to_depth_stem=stem == "space_to_depth")
+                               indexed_max_pool=indexed, space_to_depth_stem={"auto": None, "keras": False, "space_to_depth": True}[stem])
     if sync_batch_norm:  # the trainer's --sync_batch_norm
         models.set_synchronized_batch_norm(model)
     if frozen_moving_stats:

@@ -131,7 +131,14 @@ rearranged = [layer.name for layer in models._all_layers(model)
               if getattr(vars(layer).get("call"), "func", None) is models._space_to_depth_conv]
 (grads0, logits0), (grads1, logits1) = results
 gap = max(float(jnp.max(jnp.abs(a - b)) / (float(jnp.max(jnp.abs(a))) + 1e-12)) for a, b in zip(grads0, grads1))
-print(json.dumps({"rearranged": rearranged, "logits_gap": float(jnp.max(jnp.abs(logits0 - logits1))), "grad_gap": gap}))
+# EfficientNet's stem: a 3x3 kernel, padded to whole 2x2 blocks
+b0 = [models.build_model("efficientnet-b0", num_classes=3, image_size=64, seed=5, space_to_depth_stem=stem)
+      for stem in (False, True)]
+b0_rearranged = [layer.name for layer in models._all_layers(b0[1])
+                 if getattr(vars(layer).get("call"), "func", None) is models._space_to_depth_conv]
+b0_gap = float(jnp.max(jnp.abs(b0[0](images, training=True) - b0[1](images, training=True))))
+print(json.dumps({"rearranged": rearranged, "logits_gap": float(jnp.max(jnp.abs(logits0 - logits1))), "grad_gap": gap,
+                  "b0_rearranged": b0_rearranged, "b0_logits_gap": b0_gap}))
 """
 
 
@@ -139,3 +146,4 @@ def test_space_to_depth_stem_computes_the_same_step():
     result = run_on_jax_devices(SPACE_TO_DEPTH, devices=1)
     assert result["rearranged"] == ["conv1_conv"]  # the stem, and only it
     assert result["logits_gap"] < 1e-4 and result["grad_gap"] < 1e-4
+    assert result["b0_rearranged"] == ["stem_conv"] and result["b0_logits_gap"] < 1e-4
