@@ -95,7 +95,7 @@ def build_model(model_type, num_classes, image_size, weight_decay=0.0, seed=None
     also takes each device's statistics (_per_device_batch_norm).
     indexed_max_pool: max pooling differentiated through the index of each
     window's maximum (_indexed_max_pool); None means on with the JAX backend only.
-    space_to_depth_stem: strided convolutions over at most four channels (the
+    space_to_depth_stem: stride-2 convolutions over at most four channels (the
     stem) run as stride-1 convolutions over blocks of pixels
     (_space_to_depth_conv); None means on with the JAX backend only.
     """
@@ -129,7 +129,7 @@ def build_model(model_type, num_classes, image_size, weight_decay=0.0, seed=None
     if space_to_depth_stem:
         for layer in _all_layers(model):
             if (type(layer) is keras.layers.Conv2D and layer.padding == "valid" and layer.data_format == "channels_last"
-                    and layer.strides[0] == layer.strides[1] > 1 and layer.dilation_rate == (1, 1)
+                    and layer.strides == (2, 2) and layer.dilation_rate == (1, 1)
                     and layer.groups == 1 and layer.kernel.shape[2] <= 4):
                 layer.call = functools.partial(_space_to_depth_conv, layer)
     return model
