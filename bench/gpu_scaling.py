@@ -22,8 +22,12 @@ Scaling efficiency = img/s on N GPUs / (N x img/s on one GPU fed the same way).
 --anchor: only the trainer's own path, against timm + torch.compile under
 PyTorch DDP on 1 and N GPUs (bench/timm_ddp_anchor.py, images on the GPU),
 in a second table (bench/results/gpu-scaling-anchor-MODEL.json).
+--pairs N: only the trainer's own path, N times one GPU then all of them,
+alternating, each pair's scaling efficiency and the median of the N
+(bench/results/gpu-scaling-pairs-MODEL.json): one pair's figure moves by
+about 2 points from call to call, as much as a change being measured.
 
-    KERAS_BACKEND=jax python bench/gpu_scaling.py [--model_type resnet-50] [--steps 150] [--anchor]
+    KERAS_BACKEND=jax python bench/gpu_scaling.py [--model_type resnet-50] [--steps 150] [--anchor | --pairs N]
 """
 
 import argparse
@@ -108,12 +112,15 @@ def main():
     parser.add_argument("--batch_size", type=int, default=256, help="per GPU")
     parser.add_argument("--image_size", type=int, default=224)
     parser.add_argument("--anchor", action="store_true", help="the trainer's path against timm DDP instead")
+    parser.add_argument("--pairs", type=int, default=0, help="the trainer's path only, this many alternating pairs")
     args = parser.parse_args()
     gpus = gpu_count()
     if gpus < 2:
         sys.exit("error: this host has fewer than 2 GPUs; scaling needs several")
     if args.anchor:
         return anchor(args, gpus)
+    if args.pairs:
+        return pairs(args, gpus)
     rows = []
     with tempfile.TemporaryDirectory() as scratch:
         log = os.path.join(scratch, "runs.jsonl")
@@ -134,6 +141,24 @@ def main():
         print(rows[-1], flush=True)
     results.record(f"gpu-scaling-{args.model_type}", [
         "model", "input", "1 GPU img/s", "step ms", "GPUs", "img/s", "step ms", "scaling efficiency"], rows)
+
+
+def pairs(args, gpus):
+    import statistics
+
+    rows = []
+    with tempfile.TemporaryDirectory() as scratch:
+        log = os.path.join(scratch, "runs.jsonl")
+        for pair in range(1, args.pairs + 1):
+            one, many = (run(n, "host", "trainer", args, log)["img_per_s"] for n in (1, gpus))
+            rows.append([args.model_type, pair, round(one), gpus, round(many), f"{100 * many / (gpus * one):.1f}%"])
+            print(rows[-1], flush=True)
+    ones, manys = [row[2] for row in rows], [row[4] for row in rows]
+    efficiencies = [float(row[5].rstrip("%")) for row in rows]
+    rows.append([args.model_type, "median", round(statistics.median(ones)), gpus, round(statistics.median(manys)),
+                 f"{statistics.median(efficiencies):.1f}%"])
+    results.record(f"gpu-scaling-pairs-{args.model_type}", [
+        "model", "pair", "1 GPU img/s (host input)", "GPUs", "img/s", "scaling efficiency"], rows)
 
 
 def anchor(args, gpus):
