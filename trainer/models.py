@@ -118,20 +118,18 @@ def build_model(model_type, num_classes, image_size, weight_decay=0.0, seed=None
                 layer._moments = functools.partial(_one_pass_moments, layer)
                 if shards > 1:
                     layer.call = functools.partial(_per_device_batch_norm, layer, shards)
-    if indexed_max_pool is None:
-        indexed_max_pool = keras.backend.backend() == "jax"
-    if indexed_max_pool:
-        for layer in _all_layers(model):
-            if isinstance(layer, keras.layers.MaxPooling2D) and layer.data_format == "channels_last":
-                layer.call = functools.partial(_indexed_max_pool, layer)
-    if space_to_depth_stem is None:
-        space_to_depth_stem = keras.backend.backend() == "jax"
-    if space_to_depth_stem:
-        for layer in _all_layers(model):
-            if (type(layer) is keras.layers.Conv2D and layer.padding == "valid" and layer.data_format == "channels_last"
-                    and layer.strides == (2, 2) and layer.dilation_rate == (1, 1)
-                    and layer.groups == 1 and layer.kernel.shape[2] <= 4):
-                layer.call = functools.partial(_space_to_depth_conv, layer)
+    jax_default = keras.backend.backend() == "jax"
+    indexed_max_pool = jax_default if indexed_max_pool is None else indexed_max_pool
+    space_to_depth_stem = jax_default if space_to_depth_stem is None else space_to_depth_stem
+    for layer in _all_layers(model):
+        if getattr(layer, "data_format", "channels_last") != "channels_last":
+            continue
+        if indexed_max_pool and isinstance(layer, keras.layers.MaxPooling2D):
+            layer.call = functools.partial(_indexed_max_pool, layer)
+        elif (space_to_depth_stem and type(layer) is keras.layers.Conv2D and layer.padding == "valid"
+              and layer.strides == (2, 2) and layer.dilation_rate == (1, 1) and layer.groups == 1
+              and layer.kernel.shape[2] <= 4):
+            layer.call = functools.partial(_space_to_depth_conv, layer)
     return model
 
 
