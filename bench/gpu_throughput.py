@@ -66,6 +66,10 @@ def parse_args(argv=None):
     p.add_argument("--frozen_moving_stats", action="store_true",
                    help="diagnostic, not a trainer setting: batch norm never updates its moving mean and variance, "
                         "so over several devices the step has no cross-device mean of them to compute")
+    p.add_argument("--moving_stats", default="auto", choices=("auto", "global"),
+                   help="several devices: global: each step averages the batch norms' moving statistics over the "
+                        "devices (as before per-device moving averages); auto: what build_model does by default "
+                        "(on one process: each device moves its own, models._keep_moving_stats_per_device)")
     p.add_argument("--input", default="device", choices=("device", "host", "sharded"),
                    help="sharded: as device, but the batch already split over the devices the way the "
                         "distribution splits it (no per-step resharding)")
@@ -106,7 +110,7 @@ def repeat(batch):
 
 
 def build(model_type, image_size, precision, steps_per_execution, num_classes=NUM_CLASSES, learning_rate=0.1, bn_moments="auto",
-          sync_batch_norm=False, frozen_moving_stats=False, max_pool="auto", stem="auto"):
+          sync_batch_norm=False, frozen_moving_stats=False, max_pool="auto", stem="auto", moving_stats="auto"):
     keras.mixed_precision.set_dtype_policy(precision)
     one_pass = {"auto": None, "keras": False, "one_pass": True}[bn_moments]
     indexed = {"auto": None, "keras": False, "indexed": True}[max_pool]
@@ -114,6 +118,12 @@ def build(model_type, image_size, precision, steps_per_execution, num_classes=NU
                                indexed_max_pool=indexed, space_to_depth_stem={"auto": None, "keras": False, "space_to_depth": True}[stem])
     if sync_batch_norm:  # the trainer's --sync_batch_norm
         models.set_synchronized_batch_norm(model)
+    if moving_stats == "global":
+        for layer in models._all_layers(model):
+            if hasattr(layer, "device_moving_mean"):
+                for method in ("save_own_variables", "load_own_variables"):
+                    vars(layer).pop(method)
+                del layer.device_moving_mean, layer.device_moving_variance
     if frozen_moving_stats:
         for layer in models._all_layers(model):
             if isinstance(layer, keras.layers.BatchNormalization):
@@ -205,7 +215,7 @@ def measure(a):
 
     model = build(a.model_type, a.image_size, a.precision, a.steps_per_execution, bn_moments=a.bn_moments,
                   sync_batch_norm=a.sync_batch_norm, frozen_moving_stats=a.frozen_moving_stats, max_pool=a.max_pool,
-                  stem=a.stem)
+                  stem=a.stem, moving_stats=a.moving_stats)
     # Several processes (TF_CONFIG): each holds its own devices' share of the global batch, as the trainer does.
     processes = jax.process_count()
     if processes > 1 and a.input != "host":
@@ -235,7 +245,7 @@ def measure(a):
     result = {
         "model_type": a.model_type, "batch_size": a.batch_size, "devices": a.devices, "precision": a.precision,
         "input": a.input, "placement": a.placement, "sync_batch_norm": a.sync_batch_norm,
-        "frozen_moving_stats": a.frozen_moving_stats, "max_pool": a.max_pool, "stem": a.stem,
+        "frozen_moving_stats": a.frozen_moving_stats, "moving_stats": a.moving_stats, "max_pool": a.max_pool, "stem": a.stem,
         "steps_per_execution": spe, "bn_moments": a.bn_moments, "device": jax.devices()[0].device_kind,
         "img_per_s": a.batch_size * steps / timed, "step_ms": 1e3 * timed / steps,
         "first_epoch_s": first_epoch, "peak_mem_gib": peak_memory_gib(), "last_loss": float(timer.loss),

@@ -5,6 +5,7 @@ one run starts `python -m trainer.task` as a user does, and the JAX runs
 start a process because the backend is chosen once, at Keras' import.
 """
 
+import functools
 import json
 import os
 import re
@@ -130,19 +131,26 @@ def _evaluations(job_dir):
     return json.load(open(os.path.join(job_dir, "metrics.json")))["evaluations"]
 
 
-@pytest.mark.parametrize("backend", ["tensorflow", "jax"])
-def test_a_rerun_resumes_exactly_where_the_run_stopped(tmp_path, backend, trainer_main):
+@pytest.mark.parametrize("backend, devices", [("tensorflow", 1), ("jax", 1), ("jax", 2)])
+def test_a_rerun_resumes_exactly_where_the_run_stopped(tmp_path, backend, devices, trainer_main):
     # Adam's slots and step count come back from the checkpoint: the steps after
     # the resume evaluate exactly as in an uninterrupted run (to the last bit of
     # the validation loss, which any difference in the weights would move).
     # (A stepwise schedule: a cosine one spans --max_steps, which the two legs change.)
+    # JAX over two devices: each keeps its own batch-norm moving averages, and the
+    # checkpoint their mean (models._keep_moving_stats_per_device).
     if backend == "jax":
         pytest.importorskip("jax")
-    run = trainer_main if backend == "tensorflow" else run_trainer  # JAX is chosen at import: its own process
+    if backend == "tensorflow":
+        run = trainer_main
+    else:  # JAX is chosen at import: its own process
+        env = {"XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+        run = functools.partial(run_trainer, env=env)
     train = write_tfrecords(tmp_path / "train")
     whole, split = str(tmp_path / "whole"), str(tmp_path / "split")
     flags = dict(learning_rate_decay_type="stepwise", backend=backend)
     straight = run(tiny_flags(train, train, whole, max_steps=4, **flags), tmp_path / "whole.metrics")
+    assert (f"data parallel over {devices} devices" in straight.stdout) == (devices > 1)
     check_outputs(whole, straight, tmp_path / "whole.metrics", [2, 4])
     assert json.load(open(os.path.join(whole, "config.json")))["backend"] == backend
     check_export(whole, ["0", "1"])  # a JAX run's export serves on TensorFlow too
