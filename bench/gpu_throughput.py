@@ -68,7 +68,7 @@ def parse_args(argv=None):
                         "so over several devices the step has no cross-device mean of them to compute")
     p.add_argument("--moving_stats", default="auto", choices=("auto", "global"),
                    help="several devices: global: each step averages the batch norms' moving statistics over the "
-                        "devices (as before per-device moving averages); auto: what build_model does by default "
+                        "devices (the step before per-device moving averages); auto: what build_model does by default "
                         "(on one process: each device moves its own, models._keep_moving_stats_per_device)")
     p.add_argument("--input", default="device", choices=("device", "host", "sharded"),
                    help="sharded: as device, but the batch already split over the devices the way the "
