@@ -120,10 +120,7 @@ def build(model_type, image_size, precision, steps_per_execution, num_classes=NU
         models.set_synchronized_batch_norm(model)
     if moving_stats == "global":
         for layer in models._all_layers(model):
-            if hasattr(layer, "device_moving_mean"):
-                for method in ("save_own_variables", "load_own_variables"):
-                    vars(layer).pop(method)
-                del layer.device_moving_mean, layer.device_moving_variance
+            models.moving_stats_on_the_layer(layer)
     if frozen_moving_stats:
         for layer in models._all_layers(model):
             if isinstance(layer, keras.layers.BatchNormalization):

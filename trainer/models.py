@@ -216,6 +216,18 @@ def _keep_moving_stats_per_device(layer, shards):
     layer.load_own_variables = functools.partial(_load_moving_stats_mean, layer)
 
 
+def moving_stats_on_the_layer(layer):
+    """Undoes _keep_moving_stats_per_device: the layer's own moving averages (their rows' mean) again,
+    moved in the step as before (--sync_batch_norm; bench/gpu_throughput.py --moving_stats global)."""
+    if not hasattr(layer, "device_moving_mean"):
+        return
+    for name in ("moving_mean", "moving_variance"):
+        getattr(layer, name).assign(np.mean(keras.ops.convert_to_numpy(getattr(layer, f"device_{name}")), axis=0))
+    for method in ("save_own_variables", "load_own_variables"):
+        vars(layer).pop(method)
+    del layer.device_moving_mean, layer.device_moving_variance
+
+
 def _keras_variables(layer):
     """A batch norm layer's own variables, in Keras' order, without the per-device moving averages."""
     device = (getattr(layer, "device_moving_mean", None), getattr(layer, "device_moving_variance", None))
@@ -532,10 +544,8 @@ def set_synchronized_batch_norm(model):
             if keras.backend.backend() == "tensorflow":
                 layer.synchronized = True
             else:
-                for method in ("call", "save_own_variables", "load_own_variables"):
-                    vars(layer).pop(method, None)
-                if hasattr(layer, "device_moving_mean"):  # Keras' call moves the layer's own averages
-                    del layer.device_moving_mean, layer.device_moving_variance
+                vars(layer).pop("call", None)
+                moving_stats_on_the_layer(layer)  # Keras' call moves the layer's own averages
 
 
 def compile_model(model, optimizer, loss, **compile_kwargs):
