@@ -70,6 +70,9 @@ def parse_args(argv=None):
                    help="several devices: global: each step averages the batch norms' moving statistics over the "
                         "devices (the step before per-device moving averages); auto: what build_model does by default "
                         "(on one process: each device moves its own, models._keep_moving_stats_per_device)")
+    p.add_argument("--conv_kernels", default="auto", choices=("auto", "recast"),
+                   help="several devices: recast: the backward pass casts each convolution's kernel again (the step "
+                        "before models._kernel_cast_once); auto: what build_model does by default")
     p.add_argument("--input", default="device", choices=("device", "host", "sharded"),
                    help="sharded: as device, but the batch already split over the devices the way the "
                         "distribution splits it (no per-step resharding)")
@@ -110,7 +113,8 @@ def repeat(batch):
 
 
 def build(model_type, image_size, precision, steps_per_execution, num_classes=NUM_CLASSES, learning_rate=0.1, bn_moments="auto",
-          sync_batch_norm=False, frozen_moving_stats=False, max_pool="auto", stem="auto", moving_stats="auto"):
+          sync_batch_norm=False, frozen_moving_stats=False, max_pool="auto", stem="auto", moving_stats="auto",
+          conv_kernels="auto"):
     keras.mixed_precision.set_dtype_policy(precision)
     one_pass = {"auto": None, "keras": False, "one_pass": True}[bn_moments]
     indexed = {"auto": None, "keras": False, "indexed": True}[max_pool]
@@ -121,6 +125,9 @@ def build(model_type, image_size, precision, steps_per_execution, num_classes=NU
     if moving_stats == "global":
         for layer in models._all_layers(model):
             models.moving_stats_on_the_layer(layer)
+    if conv_kernels == "recast":
+        for layer in models._all_layers(model):
+            vars(layer).pop("convolution_op", None)  # Keras' own (models._kernel_cast_once undone)
     if frozen_moving_stats:
         for layer in models._all_layers(model):
             if isinstance(layer, keras.layers.BatchNormalization):
@@ -212,7 +219,7 @@ def measure(a):
 
     model = build(a.model_type, a.image_size, a.precision, a.steps_per_execution, bn_moments=a.bn_moments,
                   sync_batch_norm=a.sync_batch_norm, frozen_moving_stats=a.frozen_moving_stats, max_pool=a.max_pool,
-                  stem=a.stem, moving_stats=a.moving_stats)
+                  stem=a.stem, moving_stats=a.moving_stats, conv_kernels=a.conv_kernels)
     # Several processes (TF_CONFIG): each holds its own devices' share of the global batch, as the trainer does.
     processes = jax.process_count()
     if processes > 1 and a.input != "host":
@@ -242,7 +249,8 @@ def measure(a):
     result = {
         "model_type": a.model_type, "batch_size": a.batch_size, "devices": a.devices, "precision": a.precision,
         "input": a.input, "placement": a.placement, "sync_batch_norm": a.sync_batch_norm,
-        "frozen_moving_stats": a.frozen_moving_stats, "moving_stats": a.moving_stats, "max_pool": a.max_pool, "stem": a.stem,
+        "frozen_moving_stats": a.frozen_moving_stats, "moving_stats": a.moving_stats,
+        "conv_kernels": a.conv_kernels, "max_pool": a.max_pool, "stem": a.stem,
         "steps_per_execution": spe, "bn_moments": a.bn_moments, "device": jax.devices()[0].device_kind,
         "img_per_s": a.batch_size * steps / timed, "step_ms": 1e3 * timed / steps,
         "first_epoch_s": first_epoch, "peak_mem_gib": peak_memory_gib(), "last_loss": float(timer.loss),
