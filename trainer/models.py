@@ -93,8 +93,9 @@ def build_model(model_type, num_classes, image_size, weight_decay=0.0, seed=None
     one_pass_moments: batch-norm statistics as E[x^2] - E[x]^2 (see
     _one_pass_moments); None means on with the JAX backend only. Built under a
     keras.distribution that splits the batch over several devices, batch norm
-    also takes each device's statistics (_per_device_batch_norm), and each device
-    keeps its own moving averages (_keep_moving_stats_per_device).
+    also takes each device's statistics (_per_device_batch_norm), each device
+    keeps its own moving averages (_keep_moving_stats_per_device), and on JAX each
+    convolution keeps its kernel's cast for the backward pass (_kernel_cast_once).
     indexed_max_pool: max pooling differentiated through the index of each
     window's maximum (_indexed_max_pool); None means on with the JAX backend only.
     space_to_depth_stem: stride-2 convolutions over at most four channels (the
