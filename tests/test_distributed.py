@@ -194,6 +194,18 @@ def test_batches_placed_ahead_on_two_devices_train_as_fit_places_them(tmp_path):
     assert found["ahead"] == found["keras"]
 
 
+STEP_INPUTS = """
+def step_inputs(model, rng):  # the scripts' imports are there when it is called
+    # A training step's inputs on two devices: 8 images split over them, their labels, the loss, the
+    # model's trainable and other variables' values.
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    images = rng.integers(0, 256, size=(8, 32, 32, 3)).astype("uint8")
+    images = jax.device_put(images, NamedSharding(Mesh(jax.devices(), ("batch",)), PartitionSpec("batch")))
+    return (images, np.arange(8) % 10, keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            [v.value for v in model.trainable_variables], [v.value for v in model.non_trainable_variables])
+"""
+
 PER_DEVICE_BATCH_NORM = """
 import json
 import os
@@ -201,7 +213,6 @@ import tempfile
 import jax
 import keras
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec
 from trainer import models
 
 keras.distribution.set_distribution(keras.distribution.DataParallel(devices=keras.distribution.list_devices()))
@@ -232,12 +243,7 @@ moving_difference = max(float(np.abs(np.asarray(v) - w).max())
                         for v, w in zip((saved.moving_mean, saved.moving_variance), want_moving))
 
 # The compiled training step of the whole model, its batch split over the two devices.
-images = rng.integers(0, 256, size=(8, 32, 32, 3)).astype("uint8")
-images = jax.device_put(images, NamedSharding(jax.sharding.Mesh(jax.devices(), ("batch",)), PartitionSpec("batch")))
-loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-labels = np.arange(8) % 10
-trainable = [v.value for v in model.trainable_variables]
-fixed = [v.value for v in model.non_trainable_variables]
+images, labels, loss, trainable, fixed = step_inputs(model, rng)
 step = jax.jit(jax.grad(lambda w, x: loss(labels, model.stateless_call(w, fixed, x, training=True)[0])))
 compiled = step.lower(trainable, images).compile().as_text()
 moved = jax.jit(lambda w, f, x: model.stateless_call(w, f, x, training=True)[1])  # the moving averages' update
@@ -264,20 +270,13 @@ import json
 import jax
 import keras
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec
 from trainer import models
 
 keras.mixed_precision.set_dtype_policy("mixed_bfloat16")  # the step casts every kernel to bfloat16
 keras.distribution.set_distribution(keras.distribution.DataParallel(devices=keras.distribution.list_devices()))
 model = models.build_model("resnet-18", 10, 32, seed=0)
 convolutions = [layer for layer in models._all_layers(model) if isinstance(layer, keras.layers.Conv2D)]
-rng = np.random.default_rng(0)
-images = rng.integers(0, 256, size=(8, 32, 32, 3)).astype("uint8")
-images = jax.device_put(images, NamedSharding(jax.sharding.Mesh(jax.devices(), ("batch",)), PartitionSpec("batch")))
-loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-labels = np.arange(8) % 10
-trainable = [v.value for v in model.trainable_variables]
-fixed = [v.value for v in model.non_trainable_variables]
+images, labels, loss, trainable, fixed = step_inputs(model, np.random.default_rng(0))
 forward = jax.jit(lambda w, x: model.stateless_call(w, fixed, x, training=True)[0]).lower(trainable, images).as_text()
 
 
@@ -305,7 +304,7 @@ def test_over_several_devices_each_convolution_keeps_its_kernel_cast_for_the_bac
     # speed shows only on GPUs; here: every convolution keeps its cast, and the gradients are Keras' own to
     # the last bit.
     pytest.importorskip("jax")
-    found = run_on_jax_devices(KEPT_KERNEL_CASTS, 2)
+    found = run_on_jax_devices(STEP_INPUTS + KEPT_KERNEL_CASTS, 2)
     assert found["keras_convolutions"] > 0 and found["kept_casts"] == found["keras_convolutions"]
     assert found["difference"] == 0.0
 
@@ -316,7 +315,7 @@ def test_each_device_normalises_its_own_share_and_the_step_syncs_only_the_gradie
     # and backward (35 all-reduces in this step, each waited for before the next layer), where the
     # gradients alone need one.
     pytest.importorskip("jax")
-    found = run_on_jax_devices(PER_DEVICE_BATCH_NORM, 2)
+    found = run_on_jax_devices(STEP_INPUTS + PER_DEVICE_BATCH_NORM, 2)
     assert found["difference"] < 1e-4
     # The moving averages take the mean of the two devices' statistics, as inference and the saved weights
     # read them; each device moves its own, so updating them needs no all-reduce.

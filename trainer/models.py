@@ -114,8 +114,8 @@ def build_model(model_type, num_classes, image_size, weight_decay=0.0, seed=None
         add_weight_decay(model, weight_decay)
     if one_pass_moments is None:
         one_pass_moments = keras.backend.backend() == "jax"
+    shards = batch_shards()
     if one_pass_moments:
-        shards = batch_shards()
         for layer in _all_layers(model):
             if isinstance(layer, keras.layers.BatchNormalization) and not layer.synchronized:
                 layer._moments = functools.partial(_one_pass_moments, layer)
@@ -123,7 +123,7 @@ def build_model(model_type, num_classes, image_size, weight_decay=0.0, seed=None
                     layer.call = functools.partial(_per_device_batch_norm, layer, shards)
                     if not layer.renorm and _single_process():
                         _keep_moving_stats_per_device(layer, shards)
-    if keras.backend.backend() == "jax" and batch_shards() > 1:
+    if keras.backend.backend() == "jax" and shards > 1:
         for layer in _all_layers(model):
             if hasattr(layer, "convolution_op"):  # Keras' convolutions: Conv1D, Conv2D, Conv3D
                 layer.convolution_op = functools.partial(_kernel_cast_once, layer.convolution_op)
