@@ -16,7 +16,10 @@ compute ceiling. Runs with KERAS_BACKEND=jax, TensorFlow not needed:
   device time goes (per kernel class and the largest kernels) and where each
   device idles (the gaps between its kernels, by the kernels either side),
   counting only the training step's own kernels; then each device's kernels
-  per step and what runs after the step's last convolution or matmul.
+  per step and what runs after the step's last convolution or matmul; then,
+  from the compiled step XLA dumps into DIR/hlo, each convolution's TFLOP/s
+  and each fusion's GB/s and the kernels furthest below their kind's
+  (bench/hlo_rates.py).
 --digits FILE: instead of timing, trains on the digits sample (an .npz of
   8x8 images and labels) and prints the loss curve: a correctness check.
 """
@@ -36,7 +39,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import keras
 
-from bench import results
+from bench import hlo_rates, results
 from trainer import models
 from trainer.backbones import BACKBONES
 from trainer.tasks import CLASSIFICATION
@@ -273,16 +276,27 @@ def measure(a):
     return result
 
 
+def dump_compiled_step(folder):
+    """Has XLA write the training step's compiled HLO under folder/hlo (for hlo_rates); only takes effect
+    before JAX starts its backend."""
+    flags = f"--xla_dump_to={os.path.join(folder, 'hlo')} --xla_dump_hlo_module_re=.*train_step.*"
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flags}".strip()
+
+
 def profile(model, batches, folder, steps=3):
-    """Traces `steps` more fit steps on `batches` and prints device time per kernel class and each device's
-    idle share."""
+    """Traces `steps` more fit steps on `batches` and prints device time per kernel class, each device's
+    idle share, and each convolution's and fusion's rate for its work (hlo_rates)."""
     import jax
 
     with jax.profiler.trace(folder, create_perfetto_trace=True):
         model.fit(batches, steps_per_epoch=steps, epochs=1, verbose=0)
     paths = glob.glob(os.path.join(folder, "**", "perfetto_trace.json.gz"), recursive=True)
     if paths:
-        summarize_trace(max(paths, key=os.path.getmtime), steps)
+        trace = max(paths, key=os.path.getmtime)
+        summarize_trace(trace, steps)
+        if glob.glob(os.path.join(folder, "hlo", "*train_step*after_optimizations.txt")):
+            for line in hlo_rates.rates(os.path.join(folder, "hlo"), trace, steps):
+                print("profile:", line)
 
 
 def kernel_class(name):
@@ -477,6 +491,8 @@ def record_digits(a, result):
 
 def main(argv=None):
     a = parse_args(argv)
+    if a.profile:
+        dump_compiled_step(a.profile)
     a.devices = 1
     if a.data_parallel:
         from trainer import distribute
