@@ -112,12 +112,16 @@ def fusions(insts):
 
 
 def kernel_events(trace_path):
-    """The step's kernel events from a JAX profiler trace: [(kernel name, XLA instruction, microseconds)]."""
+    """The step's kernel events on one device (the first GPU, where the trace names it) from a JAX profiler
+    trace: [(kernel name, XLA instruction, microseconds)]."""
     with gzip.open(trace_path, "rt") as f:
         trace = json.load(f)
     events = trace["traceEvents"] if isinstance(trace, dict) else trace
-    return [(e["name"], e["args"].get("hlo_op", ""), float(e.get("dur", 0))) for e in events
-            if e.get("ph") == "X" and e.get("args", {}).get("hlo_module") in STEP_MODULES]
+    devices = {e["pid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"}
+    step = [e for e in events if e.get("ph") == "X" and e.get("args", {}).get("hlo_module") in STEP_MODULES]
+    first = sorted(pid for pid in {e["pid"] for e in step} if "GPU:0" in devices.get(pid, ""))
+    return [(e["name"], e["args"].get("hlo_op", ""), float(e.get("dur", 0))) for e in step
+            if not first or e["pid"] == first[0]]
 
 
 def rates(dump_dir, trace_path, steps):
