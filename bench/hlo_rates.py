@@ -17,6 +17,7 @@ import argparse
 import glob
 import gzip
 import json
+import math
 import os
 import re
 
@@ -32,10 +33,7 @@ def shapes(text):
 
 
 def size(dtype, dims):
-    n = BYTES[dtype]
-    for d in dims:
-        n *= d
-    return n
+    return BYTES[dtype] * math.prod(dims)
 
 
 def step_module(dump_dir):
@@ -90,7 +88,7 @@ def convolutions(insts):
                 else "weight gradient" if target.group(1).startswith("convBackwardFilter") else "data gradient")
         filters = kernel[1][labels.group(1).index("o")]
         layer = [p for p in op_name.split("/") if p and "(" not in p and p != "conv_general_dilated"]
-        convs[name] = {"role": role, "flops": 2 * size("u8", y[1]) * size("u8", kernel[1]) // filters,
+        convs[name] = {"role": role, "flops": 2 * math.prod(y[1]) * math.prod(kernel[1]) // filters,
                        "bytes": sum(size(*s) for s in [*filter(None, ops), result[0]]),
                        "what": f"{layer[-1] if layer else name} {'x'.join(map(str, kernel[1]))} -> {list(y[1])}"}
     return convs
