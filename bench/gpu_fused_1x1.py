@@ -19,7 +19,10 @@ this times, best of five rounds of 20 calls:
   XLA's normalise-then-convolve against the Pallas product with the normalisation
   in its prologue (checked against XLA's product).
 
-The last row weights each shape by how often ResNet-50 has it. Records
+The last two rows add up each column, each shape weighted by how often
+ResNet-50 has it: over all the shapes (only the columns every shape has),
+then over the expanding ones. A strided shortcut is timed over its already
+subsampled input, as if the stride were free. Records
 bench/results/gpu-fused-1x1.json. Needs JAX on a GPU; `--interpret` checks
 the kernels on small shapes on the CPU and records nothing.
 
@@ -201,9 +204,10 @@ def main():
         print(rows[-1], f"tile {tile}", flush=True)
     for label, roles in (("all", None), ("expand", ("expand",))):
         chosen = [(count, times) for role, count, times in measured if roles is None or role in roles]
-        totals = [sum(count * times[i] for count, times in chosen if times[i] is not None) for i in range(6)]
+        totals = [None if any(times[i] is None for _, times in chosen) else sum(count * times[i] for count, times in chosen)
+                  for i in range(6)]
         rows.append([label, "weighted by count", "", sum(count for count, _ in chosen)]
-                    + [round(total, 2) if total else None for total in totals])
+                    + [None if total is None else round(total, 2) for total in totals])
         print(rows[-1])
     if not args.interpret:
         results.record("gpu-fused-1x1", ["stage", "role", "pixels x channels -> outputs", "count",
